@@ -1,0 +1,22 @@
+# make demo: the whole pipeline offline, on this machine, against a local S3 server.
+# make test: the test suite (offline; starts its own S3 server).
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(INSTALLED): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) demo/run.py
+
+test: $(INSTALLED)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .demo

@@ -1,0 +1,486 @@
+"""What the four steps share: settings, the bucket, its paths and manifests, errors.
+
+Every step is a pure function from objects in the bucket to objects in the bucket.
+A step's output prefix counts as done only when its `_manifest.json`, written last,
+says `"complete": true` and was made from the same inputs as the current run.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+DEFAULT_ENDPOINT = "https://t3.storage.dev"
+MANIFEST = "_manifest.json"
+SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN")
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off", "")
+
+
+class UserError(Exception):
+    """An expected failure; its message says what is wrong and how to fix it."""
+
+
+class Conflict(Exception):
+    """A conditional write lost: someone else wrote the object first."""
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class Setting:
+    """One setting: an environment variable, overridden by its --kebab-case flag."""
+
+    env: str
+    default: object = None
+    help: str = ""
+    type: type = str
+    required: bool = False
+    secret: bool = False  # environment only: a flag would show in `ps` and shell history
+    minimum: float = None
+    choices: tuple = None
+
+    @property
+    def flag(self):
+        return "--" + self.env.lower().replace("_", "-")
+
+    @property
+    def attr(self):
+        return self.env.lower()
+
+    def convert(self, text):
+        where = f"{self.env} (or {self.flag})" if not self.secret else self.env
+        if self.type is bool:
+            if text.strip().lower() not in TRUE + FALSE:
+                raise UserError(f"{where} must be 1 or 0, not {text!r}")
+            return text.strip().lower() in TRUE
+        try:
+            value = self.type(text)
+        except ValueError:
+            raise UserError(f"{where} must be a {self.type.__name__}, not {text!r}") from None
+        if self.minimum is not None and value < self.minimum:
+            raise UserError(f"{where} must be at least {self.minimum}, not {text}")
+        if self.choices and value not in self.choices:
+            raise UserError(f"{where} must be one of {', '.join(self.choices)}, not {text!r}")
+        return value
+
+
+SHARED_SETTINGS = [
+    Setting("BUCKET_NAME", help="where everything lives: NAME (= s3://NAME), s3://NAME/PREFIX, "
+            "or a local directory / file:///dir for debugging without a network", required=True),
+    Setting("AWS_ACCESS_KEY_ID", help="access key of the bucket", secret=True),
+    Setting("AWS_SECRET_ACCESS_KEY", help="secret key of the bucket", secret=True),
+    Setting("AWS_ENDPOINT_URL_S3", None, "S3 endpoint (falls back to AWS_ENDPOINT_URL, "
+            f"then {DEFAULT_ENDPOINT}, Tigris)"),
+    Setting("AWS_REGION", "auto", "region to sign requests for (Tigris: auto)"),
+    Setting("FORCE", False, "rebuild this step's output even if it exists or was made "
+            "from other inputs", bool),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_settings(description, settings, argv=None):
+    """Read every setting from its flag, else its environment variable, else its default."""
+    settings = SHARED_SETTINGS + settings
+    lines = ["settings (a flag overrides its environment variable):"]
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for s in settings:
+        default = "set" if s.secret and os.environ.get(s.env) else s.default
+        lines.append(f"  {s.env:<24} {'(env only)' if s.secret else s.flag:<24} "
+                     f"default: {default!s:<12} {s.help}")
+        if s.secret:
+            continue
+        if s.type is bool:
+            parser.add_argument(s.flag, dest=s.attr, nargs="?", const="1", metavar="0|1",
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(s.flag, dest=s.attr, metavar=s.env, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.epilog = "\n".join(lines)
+    args = parser.parse_args(argv)
+    for s in settings:
+        text = None if s.secret else getattr(args, s.attr)
+        if text is None:
+            text = os.environ.get(s.env)
+        if text is None or (text == "" and s.type is not str):
+            if s.required:
+                raise UserError(f"{s.env} is not set: set it in the environment (.env) "
+                                f"or pass {s.flag}")
+            value = s.default
+        else:
+            value = s.convert(text)
+        setattr(args, s.attr, value)
+    return args
+
+
+def redact(text):
+    for name in SECRETS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def log(message):
+    print(redact(f"[{time.strftime('%H:%M:%S')}] {message}"), flush=True)
+
+
+def run(main):
+    """Run a step's main(): expected failures end with one `error:` line and exit 1."""
+    debug = "--debug" in sys.argv
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - the one place that turns failures into messages
+        message = explain(e)
+        if debug or message is None:
+            sys.stderr.write(redact("".join(traceback.format_exception(e))))
+        if message is not None:
+            sys.stderr.write(redact(f"error: {message}\n"))
+        sys.exit(1)
+
+
+def explain(error):
+    """The one-line message for an expected failure, or None for a bug."""
+    import botocore.exceptions as bex
+
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, bex.NoCredentialsError):
+        return ("no credentials for the bucket: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(for sky launch: --secret-file .secrets)")
+    if isinstance(error, (bex.EndpointConnectionError, bex.ConnectTimeoutError)):
+        return (f"cannot reach the storage endpoint {getattr(error, 'kwargs', {}).get('endpoint_url', '')}: "
+                "check AWS_ENDPOINT_URL_S3 (Tigris: https://t3.storage.dev) and the network")
+    if isinstance(error, OSError) and error.errno == 28:
+        return f"local disk is full ({error.filename or 'no space left on device'}): free space or use a bigger disk"
+    return None
+
+
+# ---------------------------------------------------------------- storage
+
+
+def s3_config(settings):
+    """The one place that builds the S3 client settings, for s3fs and boto3 alike."""
+    endpoint = (settings.aws_endpoint_url_s3 or os.environ.get("AWS_ENDPOINT_URL")
+                or DEFAULT_ENDPOINT)
+    host = urlparse(endpoint).hostname or ""
+    # Tigris asks for virtual-hosted addressing; botocore would use path style for a custom
+    # endpoint. A loopback test server only understands path style.
+    addressing = "path" if host in ("localhost", "127.0.0.1", "::1") else "virtual"
+    config = {
+        "s3": {"addressing_style": addressing},
+        "retries": {"max_attempts": 10, "mode": "adaptive"},
+        "connect_timeout": 10,
+        "read_timeout": 60,
+    }
+    credentials = {}
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        credentials = {"key": os.environ["AWS_ACCESS_KEY_ID"],
+                       "secret": os.environ.get("AWS_SECRET_ACCESS_KEY")}
+    return endpoint, settings.aws_region, config, credentials
+
+
+def storage_options(settings):
+    """fsspec/s3fs storage options (also what `datasets` takes as storage_options)."""
+    endpoint, region, config, credentials = s3_config(settings)
+    return {**credentials, "endpoint_url": endpoint, "client_kwargs": {"region_name": region},
+            "config_kwargs": config, "skip_instance_cache": True, "use_listings_cache": False}
+
+
+def boto3_client(settings):
+    import boto3
+    from botocore.config import Config
+
+    endpoint, region, config, credentials = s3_config(settings)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=Config(**config),
+                        aws_access_key_id=credentials.get("key"),
+                        aws_secret_access_key=credentials.get("secret"))
+
+
+class Bucket:
+    """The bucket (or a local directory), addressed by keys relative to its root."""
+
+    def __init__(self, settings):
+        url = settings.bucket_name.rstrip("/")
+        parsed = urlparse(url)
+        if parsed.scheme in ("", "file") and (parsed.scheme == "file" or "/" in url or url.startswith(".")):
+            import fsspec
+
+            self.root = os.path.abspath(parsed.path if parsed.scheme == "file" else url)
+            self.fs = fsspec.filesystem("file")
+            self.storage_options = {}
+            self.is_local = True
+            os.makedirs(self.root, exist_ok=True)
+        else:
+            import s3fs
+
+            if parsed.scheme not in ("", "s3"):
+                raise UserError(f"BUCKET_NAME {url!r} is neither a bucket name, s3://NAME[/PREFIX] "
+                                "nor a local directory")
+            self.name = parsed.netloc if parsed.scheme == "s3" else url
+            self.root = (self.name + "/" + parsed.path.strip("/")).rstrip("/")
+            self.storage_options = storage_options(settings)
+            self.fs = s3fs.S3FileSystem(**self.storage_options)
+            self.settings = settings
+            self.is_local = False
+
+    def __str__(self):
+        return self.root if self.is_local else f"s3://{self.root}"
+
+    def path(self, key):
+        """The filesystem path of a key (what self.fs takes)."""
+        return f"{self.root}/{key}".rstrip("/")
+
+    def url(self, key):
+        """The URL of a key (what datasets and pyarrow take with storage_options)."""
+        return self.path(key) if self.is_local else f"s3://{self.path(key)}"
+
+    @property
+    def client(self):
+        return boto3_client(self.settings)
+
+    def check(self):
+        """Fail early, in one line, when the bucket cannot be used."""
+        if self.is_local:
+            return
+        import botocore.exceptions as bex
+
+        try:
+            self.client.head_bucket(Bucket=self.name)
+        except bex.ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code"))
+            if code in ("404", "NoSuchBucket"):
+                raise UserError(f"bucket {self.name!r} does not exist at "
+                                f"{self.storage_options['endpoint_url']}: create it "
+                                f"(aws s3 mb s3://{self.name}) or fix BUCKET_NAME") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise UserError(f"access to bucket {self.name!r} denied: check AWS_ACCESS_KEY_ID "
+                                "and AWS_SECRET_ACCESS_KEY, and that the key may use this bucket") from None
+            raise
+
+    def exists(self, key):
+        return self.fs.exists(self.path(key))
+
+    def get(self, key):
+        """The object's bytes, or None if there is none."""
+        try:
+            return self.fs.cat_file(self.path(key))
+        except FileNotFoundError:
+            return None
+
+    def put(self, key, data, if_none_match=False, if_match=None):
+        """Write a whole object in one request; a lost condition raises Conflict."""
+        if self.is_local:
+            return self._put_local(key, data, if_none_match, if_match)
+        condition = {"IfMatch": if_match} if if_match else {}
+        try:
+            self.fs.pipe_file(self.path(key), data, mode="create" if if_none_match else "overwrite",
+                              **condition)
+        except FileExistsError:
+            raise Conflict(key) from None
+        except OSError as e:
+            if "PreconditionFailed" in str(e.__cause__) or "412" in str(e.__cause__):
+                raise Conflict(key) from None
+            raise
+
+    def etag(self, key):
+        if self.is_local:
+            return hashlib.md5(self.get(key)).hexdigest()
+        return self.fs.info(self.path(key))["ETag"].strip('"')
+
+    def _put_local(self, key, data, if_none_match, if_match):
+        import fcntl
+
+        path = self.path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(os.path.join(self.root, ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if if_none_match and os.path.exists(path):
+                raise Conflict(key)
+            if if_match and (not os.path.exists(path) or self.etag(key) != if_match.strip('"')):
+                raise Conflict(key)
+            with self.writer(key) as f:
+                f.write(data)
+
+    @contextlib.contextmanager
+    def writer(self, key):
+        """A file to stream an object into; it appears whole at the end, or not at all."""
+        path = self.path(key)
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    yield f
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        # s3fs sends the parts of a multipart upload as they fill and completes it on close;
+        # an upload that is discarded (or killed) never becomes visible.
+        f = self.fs.open(path, "wb", block_size=8 * 2**20)
+        try:
+            yield f
+        except BaseException:
+            f.discard()
+            raise
+        f.close()
+
+    def upload(self, local_path, key):
+        self.fs.put_file(local_path, self.path(key))
+
+    def download(self, key, local_path):
+        self.fs.get_file(self.path(key), local_path)
+
+    def delete_prefix(self, prefix):
+        """Remove everything under a prefix, its manifest first so it never looks done."""
+        self.fs.rm(self.path(f"{prefix}/{MANIFEST}")) if self.exists(f"{prefix}/{MANIFEST}") else None
+        if self.fs.exists(self.path(prefix)):
+            self.fs.rm(self.path(prefix), recursive=True)
+
+
+def open_bucket(settings):
+    bucket = Bucket(settings)
+    bucket.check()
+    return bucket
+
+
+# ---------------------------------------------------------------- bucket contract
+
+
+def raw_prefix(dataset):
+    return f"raw/{dataset}"
+
+
+def standardized_prefix(dataset):
+    return f"standardized/{dataset}"
+
+
+def model_prefix(model):
+    return f"models/{model}"
+
+
+def model_ready_prefix(model, dataset):
+    return f"model-ready/{model}/{dataset}"
+
+
+def checkpoints_prefix(model, dataset):
+    return f"checkpoints/{model}/{dataset}"
+
+
+def done_prefix(model, dataset):
+    return f"done/{model}/{dataset}"
+
+
+def shard_name(index, suffix="parquet"):
+    return f"shard-{index:05d}.{suffix}"
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def canonical_json(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def fingerprint(obj):
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+def read_manifest(bucket, prefix):
+    data = bucket.get(f"{prefix}/{MANIFEST}")
+    return None if data is None else json.loads(data)
+
+
+def write_manifest(bucket, prefix, manifest, **condition):
+    """One PUT of the whole manifest: readers see the old one or the new one, never a mix."""
+    bucket.put(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode(),
+               **condition)
+
+
+def new_manifest(inputs):
+    return {"complete": False, "inputs": inputs, "shards": [], "rows": 0}
+
+
+def resume_or_start(bucket, prefix, inputs, force):
+    """The manifest to continue from: complete (nothing to do), partial (resume) or new.
+
+    A manifest made from other inputs is refused unless FORCE asks for a rebuild, so a
+    changed setting never mixes old and new shards."""
+    manifest = read_manifest(bucket, prefix)
+    if manifest is not None and not force and manifest.get("inputs") != inputs:
+        old = manifest.get("inputs") or {}
+        changed = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
+        detail = ", ".join(f"{k}: {short(old.get(k))} -> {short(inputs.get(k))}" for k in changed)
+        raise UserError(f"{bucket.url(prefix)} was made with other inputs ({detail}); "
+                        "rerun with FORCE=1 to rebuild it, or restore the settings")
+    if manifest is None or force:
+        if force and bucket.exists(prefix):
+            log(f"FORCE: rebuilding {bucket.url(prefix)}")
+            bucket.delete_prefix(prefix)
+        return new_manifest(inputs)
+    return manifest
+
+
+def short(value, width=60):
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def require_complete(bucket, prefix, produced_by):
+    """The complete manifest of an input prefix, or an error naming the step to run first."""
+    manifest = read_manifest(bucket, prefix)
+    if manifest is None or not manifest.get("complete"):
+        raise UserError(f"{bucket.url(prefix)} is not complete: run {produced_by} first")
+    return manifest
+
+
+@contextlib.contextmanager
+def parquet_writer(bucket, key, schema):
+    """A ParquetWriter streaming row groups into an object that appears whole or not at all."""
+    import pyarrow.parquet as pq
+
+    with bucket.writer(key) as f:
+        writer = pq.ParquetWriter(f, schema, compression="zstd")
+        yield writer
+        writer.close()
+
+
+def read_parquet_batches(bucket, key, batch_size):
+    """Record batches of a Parquet object, read a row group at a time (bounded memory)."""
+    import pyarrow.parquet as pq
+
+    with bucket.fs.open(bucket.path(key), "rb", block_size=8 * 2**20) as f:
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size)
+
+
+def sha256_file(path, chunk=8 * 2**20):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# The template CHAT_TEMPLATE=chatml asks for, and the one the project's tiny tokenizer uses.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)

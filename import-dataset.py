@@ -1,0 +1,385 @@
+"""Step 1: stream a dataset into the bucket as Parquet shards, raw, then standardized.
+
+    raw/<DATASET_NAME>/shard-NNNNN.parquet           the source's rows, unchanged
+    standardized/<DATASET_NAME>/shard-NNNNN.parquet  conversations: [{role, content}], source_row
+    standardized/<DATASET_NAME>/_rejected/...        every dropped or altered row, with its reason
+
+The source is streamed: memory is set by one row group, never by the shard or the
+dataset. Shards are committed one by one; a rerun continues after the last one.
+"""
+
+import contextlib
+import inspect
+import json
+import os
+
+from common import (Setting, UserError, fingerprint, log, open_bucket, parquet_writer,
+                    parse_settings, raw_prefix, read_manifest, read_parquet_batches,
+                    resume_or_start, run, shard_name, standardized_prefix, write_manifest)
+
+SETTINGS = [
+    Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
+            required=True),
+    Setting("DATASET_SOURCE", help="Hub id, local file/directory/glob of json, jsonl, parquet or "
+            "csv, or s3:// URL of such files (default: DATASET_NAME)"),
+    Setting("DATASET_CONFIG", help="Hub dataset configuration"),
+    Setting("DATASET_SPLIT", "train", "split to import"),
+    Setting("DATASET_REVISION", help="Hub branch, tag or commit (pinned to the commit it resolves to)"),
+    Setting("HF_TOKEN", help="Hugging Face token, for gated or private datasets", secret=True),
+    Setting("SHARD_SIZE", 5_000_000, "rows per shard", int, minimum=1),
+    Setting("FORMAT", "auto", "source format", choices=("auto", "sharegpt", "openai", "alpaca",
+                                                           "prompt_completion")),
+    Setting("MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of rows is dropped",
+            float, minimum=0),
+]
+ROW_GROUP_ROWS = 2_000  # rows held in memory at once, and rows per Parquet row group
+FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class Rejected(Exception):
+    """A row that cannot become a training conversation; the message is the reason."""
+
+
+def main():
+    settings = parse_settings(__doc__, SETTINGS)
+    bucket = open_bucket(settings)
+    previous = read_manifest(bucket, raw_prefix(settings.dataset_name))
+    source = Source(settings, bucket, previous and previous["inputs"])
+    raw = import_raw(settings, bucket, source)
+    standardize(settings, bucket, raw)
+
+
+# ---------------------------------------------------------------- the source
+
+
+class Source:
+    """What to stream: files (fingerprinted by name and size) or a Hub split pinned to a commit.
+
+    A Hub source reuses the commit recorded by an earlier import of the same split, so a
+    resumed or finished import needs neither the Hub nor the dataset to still be there."""
+
+    def __init__(self, settings, bucket, previous_inputs):
+        self.settings, self.bucket = settings, bucket
+        self.name = settings.dataset_source or settings.dataset_name
+        if self.name.startswith("s3://"):
+            pattern = self.name[len("s3://"):].rstrip("/")
+            found = bucket.fs.glob(pattern if _has_ext(pattern) else pattern + "/**")
+            self.files = ["s3://" + f for f in found if _has_ext(f)]
+            sizes = [bucket.fs.size(f[len("s3://"):]) for f in self.files]
+        elif os.path.exists(self.name) or any(c in self.name for c in "*?[") \
+                or _looks_like_path(self.name):
+            self.files = sorted(_local_files(self.name))
+            sizes = [os.path.getsize(f) for f in self.files]
+        else:
+            self.files = None
+            self.inputs = {"source": self.name, "config": settings.dataset_config,
+                           "split": settings.dataset_split}
+            previous = {k: v for k, v in (previous_inputs or {}).items() if k in self.inputs}
+            revision = settings.dataset_revision
+            if revision is None and previous == self.inputs:
+                revision = previous_inputs["revision"]
+            elif revision is None or len(revision) != 40:
+                revision = resolve_hub_revision(self.name, revision)
+            self.inputs["revision"] = revision
+            return
+        if not self.files:
+            raise UserError(f"no json, jsonl, parquet or csv files at {self.name}: fix DATASET_SOURCE")
+        self.kinds = {FILE_TYPES[_has_ext(f)] for f in self.files}
+        if len(self.kinds) > 1:
+            raise UserError(f"{self.name} mixes file types ({', '.join(sorted(self.kinds))}): "
+                            "point DATASET_SOURCE at one kind")
+        self.inputs = {"source": self.name, "files": list(zip(self.files, sizes))}
+
+    def stream(self):
+        """The split as a datasets IterableDataset (nothing is downloaded up front)."""
+        import datasets
+
+        if self.files is None:
+            return datasets.load_dataset(self.name, self.settings.dataset_config,
+                                         split=self.settings.dataset_split,
+                                         revision=self.inputs["revision"], streaming=True,
+                                         token=os.environ.get("HF_TOKEN") or None)
+        options = self.bucket.storage_options if self.files[0].startswith("s3://") else None
+        return datasets.load_dataset(next(iter(self.kinds)), data_files=self.files, split="train",
+                                     streaming=True, storage_options=options)
+
+
+def resolve_hub_revision(repo_id, revision):
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub_errors
+
+    try:
+        return HfApi(token=os.environ.get("HF_TOKEN") or None).dataset_info(
+            repo_id, revision=revision).sha
+    except hub_errors.GatedRepoError:
+        raise UserError(f"dataset {repo_id} is gated: accept its terms on the Hub and set "
+                        "HF_TOKEN") from None
+    except hub_errors.RevisionNotFoundError:
+        raise UserError(f"dataset {repo_id} has no revision {revision!r}: fix DATASET_REVISION") \
+            from None
+    except hub_errors.RepositoryNotFoundError:
+        raise UserError(f"dataset {repo_id} not found on the Hugging Face Hub (private? set "
+                        "HF_TOKEN): fix DATASET_SOURCE or DATASET_NAME") from None
+    except (OSError, hub_errors.HfHubHTTPError) as e:
+        raise UserError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}): "
+                        "check the network, or import from files with DATASET_SOURCE") from None
+
+
+def _has_ext(path):
+    ext = os.path.splitext(path)[1].lower()
+    return ext if ext in FILE_TYPES else None
+
+
+def _looks_like_path(name):
+    return name.startswith(("/", "./", "../", "~", "file://")) or _has_ext(name)
+
+
+def _local_files(name):
+    import glob
+
+    name = os.path.expanduser(name.removeprefix("file://"))
+    if os.path.isdir(name):
+        return [f for f in glob.glob(f"{name}/**/*", recursive=True) if _has_ext(f)]
+    files = [f for f in glob.glob(name) if _has_ext(f)]
+    if not files and not os.path.exists(name):
+        raise UserError(f"no such file: {name}: fix DATASET_SOURCE")
+    return files
+
+
+# ---------------------------------------------------------------- raw copy
+
+
+def import_raw(settings, bucket, source):
+    """Copy the source into raw shards of SHARD_SIZE rows; resume after the last committed one."""
+    from tqdm import tqdm
+
+    prefix = raw_prefix(settings.dataset_name)
+    inputs = {"step": "raw/1", **source.inputs, "shard_size": settings.shard_size}
+    manifest = resume_or_start(bucket, prefix, inputs, settings.force)
+    if manifest["complete"]:
+        log(f"{bucket.url(prefix)} is complete ({manifest['rows']} rows): nothing to do")
+        return manifest
+    stream = source.stream()
+    resume = manifest.get("resume") or {"state": None, "skip": 0}
+    if resume["state"] is not None:
+        stream.load_state_dict(resume["state"])
+        log(f"resuming {bucket.url(prefix)} after {len(manifest['shards'])} shards "
+            f"({manifest['rows']} rows)")
+
+    def commit(rows):
+        manifest["shards"].append({"path": shard_name(len(manifest["shards"])), "rows": rows})
+        manifest["rows"] += rows
+        manifest["resume"] = dict(resume)
+        write_manifest(bucket, prefix, manifest)
+        log(f"raw shard {manifest['shards'][-1]['path']}: {rows} rows committed")
+
+    progress = tqdm(desc="raw", unit=" rows", initial=manifest["rows"], dynamic_ncols=True)
+    shard = contextlib.ExitStack()
+    writer, rows = None, 0
+    batches = stream.with_format("arrow").iter(batch_size=ROW_GROUP_ROWS)
+    while True:
+        # The resume point of a shard boundary inside a batch is: the stream's state before
+        # the batch, plus how many of the batch's rows are already in committed shards.
+        resume = {"state": stream.state_dict(), "skip": resume["skip"]}
+        table = next(batches, None)
+        if table is None:
+            break
+        table = table.slice(resume["skip"])
+        while table.num_rows:
+            if writer is None:
+                key = f"{prefix}/{shard_name(len(manifest['shards']))}"
+                writer = shard.enter_context(parquet_writer(bucket, key, table.schema))
+            take = min(table.num_rows, settings.shard_size - rows)
+            writer.write_table(same_schema(table.slice(0, take), writer.schema, manifest["rows"] + rows))
+            table, rows, resume["skip"] = table.slice(take), rows + take, resume["skip"] + take
+            progress.update(take)
+            if rows == settings.shard_size:
+                shard.close()
+                commit(rows)
+                writer, rows = None, 0
+        resume["skip"] = 0
+    if writer is not None:
+        shard.close()
+        commit(rows)
+    progress.close()
+    if manifest["rows"] == 0:
+        raise UserError(f"{source.name} has no rows: check DATASET_SOURCE and "
+                        "DATASET_SPLIT")
+    manifest["complete"] = True
+    del manifest["resume"]
+    write_manifest(bucket, prefix, manifest)
+    log(f"{bucket.url(prefix)} complete: {manifest['rows']} rows in {len(manifest['shards'])} shards")
+    return manifest
+
+
+def same_schema(table, schema, first_row):
+    """Batches of a JSON source may type a column differently (an all-null batch, say)."""
+    if table.schema.equals(schema, check_metadata=False):
+        return table
+    try:
+        return table.cast(schema)
+    except Exception:  # noqa: BLE001 - pyarrow raises several kinds here
+        raise UserError(f"the source's columns change type near row {first_row} "
+                        f"({table.schema} vs {schema}): give it one schema, e.g. convert it "
+                        "to Parquet") from None
+
+
+# ---------------------------------------------------------------- standardization
+
+
+ROLES = {
+    "system": "system",
+    "human": "user", "user": "user",
+    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
+    "bing": "assistant", "model": "assistant", "function_call": "assistant",
+    "observation": "tool", "tool": "tool", "function": "tool",
+    "developer": "system",
+}
+
+
+def detect_format(columns):
+    if "conversations" in columns or "conversation" in columns:
+        return "sharegpt"
+    if "messages" in columns:
+        return "openai"
+    if "instruction" in columns and ("output" in columns or "response" in columns):
+        return "alpaca"
+    if "prompt" in columns and "completion" in columns:
+        return "prompt_completion"
+    raise UserError(f"cannot tell the chat format from the columns {sorted(columns)}: set FORMAT "
+                    "(sharegpt, openai, alpaca, prompt_completion) or extend to_conversation() "
+                    "in import-dataset.py")
+
+
+def to_conversation(row, fmt):
+    """One source row as [(role, content)] turns. Edit this to teach the bundle a new format."""
+    if fmt == "sharegpt":
+        turns = row.get("conversations") or row.get("conversation") or []
+        turns = [(t.get("from", t.get("role")), t.get("value", t.get("content"))) for t in turns]
+    elif fmt == "openai":
+        turns = [(m.get("role"), text_of(m.get("content"))) for m in row.get("messages") or []]
+    elif fmt == "alpaca":
+        prompt = row.get("instruction")
+        if isinstance(prompt, str) and row.get("input"):
+            prompt = f"{prompt}\n\n{row['input']}"
+        turns = [("user", prompt), ("assistant", row.get("output", row.get("response")))]
+    else:  # prompt_completion: each side a string or a list of messages
+        turns = as_turns(row.get("prompt"), "user") + as_turns(row.get("completion"), "assistant")
+    if row.get("system") and not (turns and turns[0][0] == "system"):
+        turns.insert(0, ("system", row["system"]))
+    return turns
+
+
+def as_turns(value, role):
+    if isinstance(value, list):
+        return [(m.get("role"), text_of(m.get("content"))) for m in value]
+    return [(role, value)]
+
+
+def text_of(content):
+    """OpenAI content is a string or a list of typed parts; only text parts are supported."""
+    if isinstance(content, list):
+        if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+            raise Rejected("non-text content part")
+        return "".join(p.get("text") or "" for p in content)
+    return content
+
+
+def clean(turns):
+    """Map roles, remove empty turns and turns after the last answer; reject what can't train.
+
+    Returns the conversation and the list of changes beyond renaming roles."""
+    conversation, changes = [], []
+    for role, content in turns:
+        if role not in ROLES:
+            raise Rejected(f"unknown role {role!r}")
+        if content is not None and not isinstance(content, str):
+            raise Rejected("non-text value")
+        if not content or not content.strip():
+            changes.append("empty turn removed")
+            continue
+        conversation.append({"role": ROLES[role], "content": content})
+    answered = [i for i, turn in enumerate(conversation) if turn["role"] == "assistant"]
+    if not answered:
+        raise Rejected("no assistant answer")
+    if answered[-1] < len(conversation) - 1:
+        conversation = conversation[:answered[-1] + 1]
+        changes.append("turns after the last answer removed")
+    return conversation, sorted(set(changes))
+
+
+def standardize(settings, bucket, raw):
+    """Standardize each raw shard into the shard of the same number, listing every reject."""
+    import pyarrow as pa
+
+    prefix = standardized_prefix(settings.dataset_name)
+    code = [inspect.getsource(f) for f in (to_conversation, as_turns, text_of, clean)]
+    inputs = {"step": "standardized/1", "raw_manifest": fingerprint(raw), "format": settings.format,
+              "code": fingerprint([code, ROLES])}
+    manifest = resume_or_start(bucket, prefix, inputs, settings.force)
+    if manifest["complete"]:
+        log(f"{bucket.url(prefix)} is complete ({manifest['rows']} rows): nothing to do")
+        return manifest
+    schema = pa.schema([
+        ("conversations", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("source_row", pa.int64()),
+    ])
+    fmt = settings.format
+    first_row = sum(s["rows"] for s in raw["shards"][:len(manifest["shards"])])
+    for index in range(len(manifest["shards"]), len(raw["shards"])):
+        raw_key = f"{raw_prefix(settings.dataset_name)}/{raw['shards'][index]['path']}"
+        entry = {"path": shard_name(index), "rejected": f"_rejected/{shard_name(index, 'jsonl')}",
+                 "rows": 0, "dropped": {}, "altered": {}}
+        source_row = first_row
+        with parquet_writer(bucket, f"{prefix}/{entry['path']}", schema) as writer, \
+                bucket.writer(f"{prefix}/{entry['rejected']}") as rejected:
+            for batch in read_parquet_batches(bucket, raw_key, ROW_GROUP_ROWS):
+                if fmt == "auto":
+                    fmt = detect_format(batch.schema.names)
+                kept = {"conversations": [], "source_row": []}
+                for row in batch.to_pylist():
+                    try:
+                        conversation, changes = clean(to_conversation(row, fmt))
+                    except Rejected as reason:
+                        changes, conversation = [str(reason)], None
+                    action = "dropped" if conversation is None else "altered"
+                    for change in changes:
+                        entry[action][change] = entry[action].get(change, 0) + 1
+                    if changes:
+                        rejected.write(json.dumps({"source_row": source_row, "action": action,
+                                                   "reasons": changes}).encode() + b"\n")
+                    if conversation is not None:
+                        kept["conversations"].append(conversation)
+                        kept["source_row"].append(source_row)
+                    source_row += 1
+                writer.write_table(pa.Table.from_pydict(kept, schema=schema))
+                entry["rows"] += len(kept["source_row"])
+        first_row = source_row
+        manifest["shards"].append(entry)
+        manifest["rows"] += entry["rows"]
+        write_manifest(bucket, prefix, manifest)
+        log(f"standardized shard {entry['path']}: {entry['rows']} rows kept, "
+            f"{sum(entry['dropped'].values())} dropped, {sum(entry['altered'].values())} altered")
+
+    dropped = {}
+    for entry in manifest["shards"]:
+        for reason, count in entry["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + count
+    total_dropped = raw["rows"] - manifest["rows"]
+    manifest["dropped"] = dropped
+    if total_dropped > settings.max_reject_fraction * raw["rows"]:
+        top = ", ".join(f"{reason} ({count})" for reason, count in
+                        sorted(dropped.items(), key=lambda kv: -kv[1])[:3])
+        raise UserError(f"{total_dropped} of {raw['rows']} rows dropped, more than "
+                        f"MAX_REJECT_FRACTION={settings.max_reject_fraction}: {top}; the list is in "
+                        f"{bucket.url(prefix)}/_rejected/ (set FORMAT, fix the source or edit "
+                        "to_conversation() in import-dataset.py)")
+    manifest["complete"] = True
+    write_manifest(bucket, prefix, manifest)
+    log(f"{bucket.url(prefix)} complete: {manifest['rows']} of {raw['rows']} rows kept, "
+        f"{total_dropped} dropped (listed in _rejected/)")
+    return manifest
+
+
+if __name__ == "__main__":
+    run(main)

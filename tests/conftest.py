@@ -1,0 +1,106 @@
+"""Shared fixtures: a real S3 server on loopback (moto), and running the steps as a user does."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES_DIR = Path(os.environ.get("FIXTURES_DIR", ROOT.parent / "shared" / "fixtures"))
+TEST_BUCKET = "test-bucket"
+# Recognisable fake credentials: no output, log or object may ever contain them.
+FAKE_KEY_ID = "FAKEKEYID0123456789"
+FAKE_SECRET = "fake-secret-4f9c2e7b1a"
+
+
+def fixture_path(*parts):
+    """A real third-party file from FIXTURES_DIR, or a skip saying why it is missing."""
+    path = FIXTURES_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: set FIXTURES_DIR to the shared fixtures to run this test")
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def create_bucket(endpoint, name=TEST_BUCKET):
+    # moto refuses CreateBucket in region "auto"; objects signed for "auto" work afterwards.
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                 aws_access_key_id=FAKE_KEY_ID,
+                 aws_secret_access_key=FAKE_SECRET).create_bucket(Bucket=name)
+
+
+@pytest.fixture
+def s3(s3_server):
+    """Environment for a step that uses an empty bucket on the local S3 server."""
+    requests.post(f"{s3_server}/moto-api/reset", timeout=30)
+    create_bucket(s3_server)
+    return {"BUCKET_NAME": TEST_BUCKET, "AWS_ENDPOINT_URL_S3": s3_server, "AWS_REGION": "auto",
+            "AWS_ACCESS_KEY_ID": FAKE_KEY_ID, "AWS_SECRET_ACCESS_KEY": FAKE_SECRET}
+
+
+@pytest.fixture
+def proxy(s3, s3_server):
+    """The same bucket reached through a proxy that records every request."""
+    from s3proxy import S3Proxy
+
+    p = S3Proxy(int(s3_server.rsplit(":", 1)[1]))
+    p.env = {**s3, "AWS_ENDPOINT_URL_S3": p.url}
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def local_bucket(tmp_path):
+    """Environment for a step that uses the local-directory backend."""
+    return {"BUCKET_NAME": f"file://{tmp_path / 'bucket'}"}
+
+
+def step_env(env):
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("AWS_", "BUCKET_", "DATASET_", "MODEL_", "HF_"))}
+    return {**clean, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1", **env}
+
+
+def run_step(script, env, *args, check=True, timeout=600):
+    """Run one step as a user would: `python SCRIPT --flags` with settings in the environment."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], env=step_env(env),
+                            cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def start_step(script, env, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], env=step_env(env),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def bucket_objects(env):
+    """{key: bytes} of everything in the test bucket (S3) or the local bucket directory."""
+    url = env["BUCKET_NAME"]
+    if url.startswith("file://"):
+        root = Path(url[len("file://"):])
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and not p.name.startswith(".")}
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=TEST_BUCKET):
+        for item in page.get("Contents", []):
+            objects[item["Key"]] = client.get_object(Bucket=TEST_BUCKET, Key=item["Key"])["Body"].read()
+    return objects
