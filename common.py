@@ -232,7 +232,7 @@ class Bucket:
                 raise UserError(f"BUCKET_NAME {url!r} is neither a bucket name, s3://NAME[/PREFIX] "
                                 "nor a local directory")
             self.name = parsed.netloc if parsed.scheme == "s3" else url
-            self.root = (self.name + "/" + parsed.path.strip("/")).rstrip("/")
+            self.root = f"{self.name}/{parsed.path.strip('/')}".rstrip("/") if parsed.netloc else url
             self.storage_options = storage_options(settings)
             self.fs = s3fs.S3FileSystem(**self.storage_options)
             self.settings = settings
@@ -422,6 +422,7 @@ def resume_or_start(bucket, prefix, inputs, force):
 
     A manifest made from other inputs is refused unless FORCE asks for a rebuild, so a
     changed setting never mixes old and new shards."""
+    inputs = json.loads(canonical_json(inputs))  # as it reads back from JSON
     manifest = read_manifest(bucket, prefix)
     if manifest is not None and not force and manifest.get("inputs") != inputs:
         old = manifest.get("inputs") or {}

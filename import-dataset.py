@@ -120,7 +120,7 @@ def resolve_hub_revision(repo_id, revision):
     except hub_errors.RepositoryNotFoundError:
         raise UserError(f"dataset {repo_id} not found on the Hugging Face Hub (private? set "
                         "HF_TOKEN): fix DATASET_SOURCE or DATASET_NAME") from None
-    except (OSError, hub_errors.HfHubHTTPError) as e:
+    except Exception as e:  # noqa: BLE001 - offline, DNS, TLS, HTTP: all mean "cannot ask"
         raise UserError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}): "
                         "check the network, or import from files with DATASET_SOURCE") from None
 
