@@ -485,3 +485,84 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+# ---------------------------------------------------------------- models
+
+
+MODEL_CACHE_SETTING = Setting(
+    "MODEL_CACHE_DIR", os.path.join("~", ".cache", "tigris-finetune", "models"),
+    "local directory that keeps verified copies of the bucket's models")
+VERIFIED = ".verified.json"  # in a model's local copy: {path: [size, sha256]} already checked
+
+
+def model_fingerprint(manifest):
+    """What identifies an imported model: its files' names and hashes."""
+    return fingerprint(sorted((entry["path"], entry["sha256"]) for entry in manifest["shards"]))
+
+
+def download_model(bucket, model_name, cache_dir=None, parallel=4):
+    """A local directory holding models/<MODEL_NAME>/ exactly as its manifest lists it.
+
+    Each file is downloaded to a temporary name and renamed only once its sha256 matches
+    the manifest. Files already verified (same size and hash in the local record, same size
+    on disk) are reused without hashing them again; files the manifest does not list are
+    removed. A lock keeps two processes of one machine from fetching the same files."""
+    import fcntl
+    from concurrent.futures import ThreadPoolExecutor
+
+    manifest = require_complete(bucket, model_prefix(model_name), "import-model.py")
+    local = os.path.join(os.path.expanduser(cache_dir or MODEL_CACHE_SETTING.default), model_name)
+    os.makedirs(local, exist_ok=True)
+    with open(os.path.join(local, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        record_path = os.path.join(local, VERIFIED)
+        try:
+            with open(record_path) as f:
+                verified = json.load(f)
+        except (FileNotFoundError, ValueError):
+            verified = {}
+        wanted = {entry["path"]: [entry["size"], entry["sha256"]] for entry in manifest["shards"]}
+        for name in os.listdir(local):
+            if name not in wanted and name not in (".lock", VERIFIED):
+                os.remove(os.path.join(local, name))
+        todo = [path for path, expected in wanted.items()
+                if verified.get(path) != expected or not _has_size(os.path.join(local, path),
+                                                                   expected[0])]
+        verified = {path: value for path, value in verified.items()
+                    if path in wanted and path not in todo}
+        if todo:
+            log(f"downloading {len(todo)} files of {bucket.url(model_prefix(model_name))} to {local}")
+        with ThreadPoolExecutor(parallel) as pool:
+            for path in pool.map(lambda p: _download_verified(bucket, model_name, p, wanted[p],
+                                                              local), todo):
+                verified[path] = wanted[path]
+                _write_json_atomically(record_path, verified)
+    return local
+
+
+def _has_size(path, size):
+    return os.path.isfile(path) and os.path.getsize(path) == size
+
+
+def _download_verified(bucket, model_name, path, expected, local):
+    key = f"{model_prefix(model_name)}/{path}"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=local)
+    os.close(fd)
+    try:
+        bucket.download(key, tmp)
+        if sha256_file(tmp) != expected[1]:
+            raise UserError(f"{bucket.url(key)} does not match the sha256 in its manifest: the "
+                            "bucket's copy was damaged or replaced; rerun import-model.py with FORCE=1")
+        os.replace(tmp, os.path.join(local, path))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _write_json_atomically(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
