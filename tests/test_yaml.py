@@ -1,0 +1,403 @@
+"""allatonce.yaml and service.yaml: what SkyPilot's own parser makes of them, what they keep
+secret, and their shell blocks run as written (with stand-ins for pip, python and vLLM).
+
+SkyPilot cannot share the project's venv (it pins click<8.2, huggingface_hub needs >=8.4.2),
+so its parser runs in its own venv, .venv/sky:
+    python3 -m venv .venv/sky && .venv/sky/bin/pip install skypilot==0.14.1
+"""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from conftest import FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET
+
+from common import SECRETS, SHARED_SETTINGS
+
+SKY_PYTHON = Path(os.environ.get("SKYPILOT_PYTHON", ROOT / ".venv" / "sky" / "bin" / "python"))
+STEPS = ["import-dataset.py", "import-model.py", "pretokenize.py", "dotrain.py"]
+UNSLOTH = "unsloth==2026.10.9"
+
+# Runs in SkyPilot's venv: parses each case as `sky launch CASE --env-file E --secret-file S`
+# would (an --env-file's values are also secrets there, below the --secret-file's).
+PARSE = r"""
+import json, sys
+import dotenv
+from sky.utils import dag_utils
+
+def parse(path, env_file, secret_file):
+    envs = dotenv.dotenv_values(env_file) if env_file else {}
+    secrets = {**envs, **(dotenv.dotenv_values(secret_file) if secret_file else {})}
+    try:
+        task = dag_utils.load_chain_dag_from_yaml(path, list(envs.items()),
+                                                  list(secrets.items())).tasks[0]
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    service = task.service
+    return {
+        "envs": dict(task.envs),
+        "secrets": sorted(task.secrets),
+        "unresolved_secrets": sorted(ref.name for ref in task._managed_secret_refs),
+        "resources": [{"accelerators": r.accelerators, "cloud": str(r.cloud) if r.cloud else None,
+                       "disk_size": r.disk_size, "use_spot": r.use_spot,
+                       "job_recovery": r.job_recovery, "ports": r.ports} for r in task.resources],
+        "service": service and {"path": service.readiness_path, "post_data": service.post_data,
+                                "min_replicas": service.min_replicas,
+                                "max_replicas": service.max_replicas},
+    }
+
+cases = json.loads(sys.argv[1])
+print(json.dumps({name: parse(*args) for name, args in cases.items()}))
+"""
+
+
+def task(name):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def dotenv_keys(path):
+    """{NAME: value} of a dotenv example, commented-out `# NAME=value` lines included."""
+    found = {}
+    for line in (ROOT / path).read_text().splitlines():
+        match = re.fullmatch(r"#?\s*([A-Z][A-Z0-9_]*)=(.*)", line.strip())
+        if match:
+            found[match[1]] = match[2]
+    return found
+
+
+@pytest.fixture(scope="module")
+def parsed(tmp_path_factory):
+    """SkyPilot's view of the two files, of variants of them, and of broken copies."""
+    if not SKY_PYTHON.exists():
+        pytest.skip(f"SkyPilot's parser is not installed at {SKY_PYTHON}: python3 -m venv "
+                    ".venv/sky && .venv/sky/bin/pip install skypilot==0.14.1")
+    tmp = tmp_path_factory.mktemp("yaml")
+
+    def variant(name, change):
+        config = task("allatonce.yaml")
+        change(config)
+        path = tmp / name
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
+    env, secrets = str(ROOT / ".env.example"), str(ROOT / ".secrets.example")
+    allatonce, service = str(ROOT / "allatonce.yaml"), str(ROOT / "service.yaml")
+    cases = {
+        "allatonce": [allatonce, env, secrets],
+        "service": [service, env, secrets],
+        "no-files": [allatonce, None, None],
+        "spot": [variant("spot.yaml", lambda c: c["resources"].update(use_spot=True)), env, secrets],
+        "unknown-key": [variant("unknown.yaml", lambda c: c["resources"].update(acelerators="L4:1")),
+                        env, secrets],
+        "wrong-type": [variant("type.yaml", lambda c: c["resources"].update(disk_size="a lot")),
+                       env, secrets],
+    }
+    result = subprocess.run([str(SKY_PYTHON), "-c", PARSE, json.dumps(cases)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp / "home")})
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+# ---------------------------------------------------------------- SkyPilot's parser
+
+
+@pytest.mark.parametrize("name", ["allatonce", "service"])
+def test_skypilot_accepts_both_files_with_the_example_env_and_secret_files(parsed, name):
+    config = parsed[name]
+    assert "error" not in config, config.get("error")
+    assert set(SECRETS) <= set(config["secrets"]) and not config["unresolved_secrets"]
+    assert not set(SECRETS) & set(config["envs"])
+    names = [list(r["accelerators"])[0] for r in config["resources"]]
+    assert names == ["L4", "A10G", "T4", "L40S", "A100", "A100-80GB", "H100"]
+    for resources in config["resources"]:
+        assert resources["accelerators"][names[config["resources"].index(resources)]] == 1
+        assert resources["cloud"] is None and int(resources["disk_size"]) >= 100
+
+
+def test_the_parser_rejects_an_unknown_key_and_a_wrong_type(parsed):
+    assert "acelerators" in parsed["unknown-key"]["error"]
+    assert "disk_size" in parsed["wrong-type"]["error"]
+
+
+def test_launching_without_a_bucket_name_is_refused(parsed):
+    assert "BUCKET_NAME" in parsed["no-files"]["error"]
+
+
+def test_spot_and_recovery(parsed):
+    resources = parsed["spot"]["resources"]
+    assert all(r["use_spot"] for r in resources)
+    assert all(r["job_recovery"]["strategy"] == "EAGER_NEXT_REGION" for r in resources)
+    assert not any(r["use_spot"] for r in parsed["allatonce"]["resources"])
+
+
+def test_the_service_probes_the_model_it_serves(parsed):
+    service = parsed["service"]
+    assert service["service"]["path"] == "/v1/chat/completions"
+    assert service["service"]["post_data"]["model"] == service["envs"]["SERVED_MODEL_NAME"]
+    assert service["service"]["post_data"]["messages"]
+    assert 1 <= service["service"]["min_replicas"] <= service["service"]["max_replicas"]
+    assert all(r["ports"] == ["8000"] for r in service["resources"])
+
+
+# ---------------------------------------------------------------- settings and secrets
+
+
+def step_settings():
+    """{script: its settings (shared ones included)}, read from the scripts themselves."""
+    settings = {}
+    for script in STEPS:
+        spec = importlib.util.spec_from_file_location(script[:-3].replace("-", "_"), ROOT / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        settings[script] = SHARED_SETTINGS + module.SETTINGS
+    return settings
+
+
+@pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
+def test_credentials_are_secrets_without_values(name):
+    config = task(name)
+    assert config["secrets"] == {name: None for name in SECRETS}
+    assert not set(SECRETS) & set(config["envs"])
+    assert config["envs"]["BUCKET_NAME"] is None  # the user must choose it
+
+
+def documented_default(setting):
+    """A default as .env.example shows it: one that depends on the machine, as on a node."""
+    if setting.env == "NUM_PROC" and setting.default == os.cpu_count():
+        return ""  # all cores
+    if setting.type is bool:
+        return str(int(setting.default))
+    return str(setting.default).replace(tempfile.gettempdir(), "/tmp")
+
+
+def test_the_example_files_hold_every_setting_with_its_default():
+    env, secrets = dotenv_keys(".env.example"), dotenv_keys(".secrets.example")
+    assert secrets == {name: "" for name in SECRETS}
+    assert not set(SECRETS) & set(env)
+    for script, settings in step_settings().items():
+        for s in settings:
+            if s.secret:
+                assert s.env in SECRETS, f"{script}: secret {s.env} is missing from SECRETS"
+                continue
+            if s.env.startswith("SKYPILOT_"):  # set by SkyPilot on each node
+                assert s.env not in env
+                continue
+            assert s.env in env, f"{script}: {s.env} is missing from .env.example"
+            if s.default is not None:
+                default = documented_default(s)
+                assert env[s.env] == default, f"{s.env}: .env.example says {env[s.env]!r}, " \
+                                              f"{script} defaults to {default!r}"
+
+
+def test_the_task_envs_agree_with_the_steps_defaults():
+    envs = task("allatonce.yaml")["envs"]
+    for script, settings in step_settings().items():
+        for s in settings:
+            if s.env in envs and s.default is not None:
+                assert str(envs[s.env]) == str(s.default), f"{s.env} in allatonce.yaml vs {script}"
+    assert envs["DATASET_NAME"] == "mlabonne/FineTome-100k"
+    assert envs["MODEL_NAME"] == "Qwen/Qwen2.5-0.5B"
+    assert envs["AWS_ENDPOINT_URL_S3"] == "https://t3.storage.dev" and envs["AWS_REGION"] == "auto"
+
+
+def test_the_service_uses_the_task_settings_and_the_tested_aws_cli():
+    task_envs, service_envs = task("allatonce.yaml")["envs"], task("service.yaml")["envs"]
+    for name in ("BUCKET_NAME", "DATASET_NAME", "MODEL_NAME", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        assert service_envs[name] == task_envs[name]
+    awscli = re.search(r"^awscli==\S+", (ROOT / "requirements.txt").read_text(), re.M)[0]
+    assert awscli in task("service.yaml")["setup"]
+
+
+# ---------------------------------------------------------------- setup blocks
+
+
+def write_script(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/bash\n" + text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def node(tmp_path):
+    """A pretend node: HOME, a work dir holding requirements.txt, and stand-ins on PATH for
+    python3 (old or new), conda and the venv's pip that log what they are asked to do."""
+    log = tmp_path / "log"
+    bin_ = tmp_path / "bin"
+    fake_venv_python = f'echo "venv-python $*" >> {log}\n'
+    write_script(bin_ / "python3", f"""echo "python3 $*" >> {log}
+if [ "$1" = -c ]; then exit $(cat {tmp_path}/python3-too-old 2>/dev/null || echo 0); fi
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; printf '#!/bin/bash\\n{fake_venv_python}' > "$3/bin/python"; chmod +x "$3/bin/python"; fi
+""")
+    write_script(bin_ / "conda", f"""echo "conda $*" >> {log}
+mkdir -p "$5/bin"; printf '#!/bin/bash\\nexec {bin_}/python3 "$@"\\n' > "$5/bin/python"; chmod +x "$5/bin/python"
+""")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "requirements.txt").write_text((ROOT / "requirements.txt").read_text())
+
+    def run(block, python3_too_old=False):
+        (tmp_path / "python3-too-old").write_text("1" if python3_too_old else "0")
+        env = {"HOME": str(tmp_path / "home"), "PATH": f"{bin_}:/usr/bin:/bin"}
+        result = subprocess.run(["bash", "-c", block], cwd=work, env=env, capture_output=True,
+                                text=True, timeout=60)
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return result, lines
+
+    run.work = work
+    return run
+
+
+def installs(lines):
+    return [line.split("pip install ", 1)[1] for line in lines if " pip install " in line
+            and "--upgrade pip" not in line]
+
+
+def test_setup_installs_once_and_again_when_the_requirements_change(node):
+    setup = task("allatonce.yaml")["setup"]
+    result, lines = node(setup)
+    assert result.returncode == 0, result.stderr
+    assert installs(lines) == [f"-r requirements.txt {UNSLOTH}"]
+    assert "python3 -m venv" in " ".join(lines) and not any(x.startswith("conda") for x in lines)
+
+    result, lines = node(setup)
+    assert result.returncode == 0 and installs(lines) == []
+
+    with open(node.work / "requirements.txt", "a") as f:
+        f.write("tqdm==4.70.1\n")
+    result, lines = node(setup)
+    assert result.returncode == 0 and installs(lines) == [f"-r requirements.txt {UNSLOTH}"]
+
+
+@pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
+def test_setup_takes_python_from_conda_when_the_image_has_an_old_one(node, name):
+    result, lines = node(task(name)["setup"], python3_too_old=True)
+    assert result.returncode == 0, result.stderr
+    assert any(line.startswith("conda create") and "python=3.11" in line for line in lines)
+    assert len(installs(lines)) == 1
+    result, lines = node(task(name)["setup"], python3_too_old=True)
+    assert result.returncode == 0 and installs(lines) == [] and not lines
+
+
+def test_service_setup_installs_pinned_vllm_once(node):
+    setup = task("service.yaml")["setup"]
+    result, lines = node(setup)
+    assert result.returncode == 0, result.stderr
+    [packages] = installs(lines)
+    assert re.search(r"\bvllm==\d", packages) and all("==" in p for p in packages.split())
+    assert installs(node(setup)[1]) == []
+
+
+# ---------------------------------------------------------------- run blocks
+
+
+@pytest.fixture
+def fake_steps(tmp_path):
+    """A venv whose `python` logs the step it is given and fails the one named in FAIL."""
+    log = tmp_path / "steps.log"
+    venv = tmp_path / "venv"
+    write_script(venv / "bin" / "python", f"""echo "start $1" >> {log}
+echo "$1 on node $SKYPILOT_NODE_RANK of $SKYPILOT_NUM_NODES" >> {log}.nodes
+if [ "$1" = import-dataset.py ]; then sleep 0.5; fi
+if [ "$1" = "$FAIL" ]; then echo "end $1 failed" >> {log}; exit 3; fi
+echo "end $1" >> {log}
+""")
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
+
+    def run(fail="", rank="0", nodes="1"):
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "VENV": str(venv),
+               "FAIL": fail, "SKYPILOT_NODE_RANK": rank, "SKYPILOT_NUM_NODES": nodes}
+        result = subprocess.run(["bash", "-c", task("allatonce.yaml")["run"]], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        return result, log.read_text().splitlines() if log.exists() else []
+
+    return run
+
+
+def test_run_names_only_scripts_that_exist():
+    named = re.findall(r"python (\S+\.py)", task("allatonce.yaml")["run"])
+    assert named == STEPS
+    assert all((ROOT / script).exists() for script in named)
+
+
+def test_run_imports_at_the_same_time_then_pretokenizes_then_trains(fake_steps):
+    result, lines = fake_steps()
+    assert result.returncode == 0, result.stderr
+    assert set(lines[:2]) == {"start import-dataset.py", "start import-model.py"}
+    assert lines[-4:] == ["start pretokenize.py", "end pretokenize.py",
+                          "start dotrain.py", "end dotrain.py"]
+
+
+@pytest.mark.parametrize("failing", ["import-dataset.py", "import-model.py", "pretokenize.py"])
+def test_run_stops_at_the_first_failing_step(fake_steps, failing):
+    result, lines = fake_steps(fail=failing)
+    assert result.returncode != 0
+    assert f"end {failing} failed" in lines
+    assert "start dotrain.py" not in lines
+    if failing.startswith("import"):
+        assert "start pretokenize.py" not in lines
+
+
+def test_on_several_nodes_node_0_runs_every_step_alone(fake_steps, tmp_path):
+    result, lines = fake_steps(rank="1", nodes="2")
+    assert result.returncode == 0 and lines == []
+    result, lines = fake_steps(rank="0", nodes="2")
+    assert result.returncode == 0 and len(lines) == 8
+    assert set((tmp_path / "steps.log.nodes").read_text().splitlines()) == {
+        f"{step} on node 0 of 1" for step in STEPS}
+
+
+# ---------------------------------------------------------------- the service's run block
+
+
+@pytest.fixture
+def replica(tmp_path, s3):
+    """A pretend replica: the project's venv (its aws CLI) as ~/venv-serve, a stand-in vllm
+    that logs its arguments and the files it was given, and the service's settings."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    venv = home / "venv-serve"
+    write_script(venv / "bin" / "vllm", f'echo "vllm $*" > {tmp_path}/vllm.log; ls -R fused >> {tmp_path}/vllm.log\n')
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:{ROOT}/.venv/bin:$PATH"\n')
+    (venv / "aws-config").write_text("[default]\ns3 =\n  addressing_style = path\n")  # loopback
+    envs = {k: v for k, v in task("service.yaml")["envs"].items() if v is not None}
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), **envs, **s3}
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+    done = f"done/{envs['MODEL_NAME']}/{envs['DATASET_NAME']}"
+
+    def run(complete):
+        client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/_manifest.json",
+                          Body=json.dumps({"complete": complete}).encode())
+        for name in ("config.json", "model.safetensors"):
+            client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/fused/{name}", Body=name.encode())
+        result = subprocess.run(["bash", "-c", task("service.yaml")["run"]], cwd=work, env=env,
+                                capture_output=True, text=True, timeout=120)
+        log = tmp_path / "vllm.log"
+        return result, log.read_text() if log.exists() else None
+
+    run.work = work
+    return run
+
+
+def test_the_service_pulls_the_fused_model_and_serves_it(replica):
+    result, vllm = replica(complete=True)
+    assert result.returncode == 0, result.stderr
+    assert vllm.splitlines()[0] == ("vllm serve ./fused --served-model-name finetuned "
+                                    "--host 0.0.0.0 --port 8000")
+    assert (replica.work / "fused" / "model.safetensors").read_bytes() == b"model.safetensors"
+    assert FAKE_SECRET not in result.stdout + result.stderr
+
+
+def test_the_service_refuses_an_unfinished_model(replica):
+    result, vllm = replica(complete=False)
+    assert result.returncode != 0 and vllm is None
+    assert "training has not finished" in result.stderr
