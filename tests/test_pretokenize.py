@@ -1,0 +1,283 @@
+"""pretokenize.py: exact assistant-only labels for any chat template, and the step's guarantees."""
+
+import copy
+import io
+import json
+import shutil
+import sys
+import time
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, fixture_path,
+                      run_step, start_step)
+
+import common
+import pretokenize
+
+sys.path.insert(0, str(ROOT / "demo"))
+import synthetic  # noqa: E402
+
+MODEL, DATASET = "qwen/tiny", "synth/chat"
+PREFIX = f"model-ready/{MODEL}/{DATASET}"
+MAX_SEQ_LENGTH = 96
+EDGE_CASES = [  # beyond the synthetic rows: what templates and tokenizers make hard
+    [{"role": "user", "content": "Repeat after me: the sky is blue."},
+     {"role": "assistant", "content": "the sky is blue."}],  # the answer also in the question
+    [{"role": "assistant", "content": "I speak first."}],
+    [{"role": "user", "content": "Unicode?"}, {"role": "assistant", "content": "Oui, très bien: 世界 🌍"}],
+    [{"role": "user", "content": "Spaces?"}, {"role": "assistant", "content": "Trailing space.  \n"}],
+    [{"role": "user", "content": "Mark?"},
+     {"role": "assistant", "content": f"An answer with {pretokenize.ANSWER_MARK} inside."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "One?"},
+     {"role": "assistant", "content": "One."}, {"role": "user", "content": "Two?"},
+     {"role": "assistant", "content": "Two."}],
+]
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}")
+GEMMA_TEMPLATE = (  # no system role: it is folded into the first user turn; answers are trimmed
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}"
+    "{%- set first = messages[0]['content'] | trim + '\\n\\n' %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set first = '' %}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + "
+    "message['content'] | trim + '<end_of_turn>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\\n' }}{%- endif %}")
+# template: (end-of-turn text, whether the template trims answers)
+TEMPLATES = {"qwen2.5": ("<|im_end|>", False), "chatml": ("<|im_end|>", False),
+             "llama3-style": ("<|eot_id|>", True), "gemma-style": ("<end_of_turn>", True)}
+
+
+def standardized(rows):
+    return [[{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]),
+              "content": t["value"]} for t in row["conversations"]] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    return synthetic.make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def tokenizer_for(template, tiny_tokenizer):
+    if template == "qwen2.5":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(fixture_path("tokenizers", "qwen2.5-0.5b"))
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    if template == "llama3-style":
+        tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>"})
+        tokenizer.add_tokens(["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                             special_tokens=True)
+        tokenizer.chat_template = LLAMA3_TEMPLATE
+    elif template == "gemma-style":
+        tokenizer.add_special_tokens({"bos_token": "<bos>"})
+        tokenizer.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+        tokenizer.chat_template = GEMMA_TEMPLATE
+    return tokenizer
+
+
+def trained_runs(ids, labels):
+    """The trained tokens, as runs of consecutive positions."""
+    assert all(label in (pretokenize.NOT_TRAINED, token) for token, label in zip(ids, labels))
+    runs, run = [], []
+    for token, label in zip(ids, labels):
+        if label != pretokenize.NOT_TRAINED:
+            run.append(int(token))
+        elif run:
+            runs, run = runs + [run], []
+    return runs + [run] if run else runs
+
+
+def check_row(tokenizer, conversation, ids, labels, end_of_turn, trims):
+    """Untruncated: the tokens spell the template's rendering, the trained ones each answer."""
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False)
+    answers = [m["content"].strip() if trims else m["content"]
+               for m in conversation if m["role"] == "assistant"]
+    assert [tokenizer.decode(run) for run in trained_runs(ids, labels)] == \
+        [answer + end_of_turn for answer in answers]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_labels_train_exactly_each_answer_and_its_end_of_turn(template, tiny_tokenizer):
+    tokenizer = tokenizer_for(template, tiny_tokenizer)
+    end_of_turn, trims = TEMPLATES[template]
+    conversations = standardized(synthetic.conversations(40, seed=3)) + EDGE_CASES
+    labeller = pretokenize.Labeller(tokenizer, max_length=10_000)
+    assert labeller.end_of_turn == end_of_turn
+
+    rows = labeller(conversations, np.arange(len(conversations)))
+    assert rows.dropped == [] and rows.truncated == 0
+    assert rows.source_rows == list(range(len(conversations)))
+    for conversation, ids, labels in zip(conversations, rows.ids, rows.labels):
+        check_row(tokenizer, conversation, ids, labels, end_of_turn, trims)
+    assert rows.tokens == sum(len(ids) for ids in rows.ids)
+    assert rows.trained_tokens == sum(int((labels != -100).sum()) for labels in rows.labels)
+
+
+def test_answer_after_leading_whitespace_is_trained_whole(tiny_tokenizer):
+    # A token may hold both the header's last newline and the answer's first characters.
+    tokenizer = tokenizer_for("qwen2.5", tiny_tokenizer)
+    conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "\n\nA list:"}]
+    rows = pretokenize.Labeller(tokenizer, 10_000)([conversation], [0])
+    (run,) = trained_runs(rows.ids[0], rows.labels[0])
+    trained = tokenizer.decode(run)
+    assert trained.endswith("\n\nA list:<|im_end|>") and not trained[:-len("\n\nA list:<|im_end|>")].strip()
+
+
+def test_truncation_is_counted_and_rows_without_answer_tokens_dropped(tiny_tokenizer):
+    tokenizer = tokenizer_for("qwen2.5", tiny_tokenizer)
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    long_answer = [{"role": "user", "content": "Count"},
+                   {"role": "assistant", "content": " ".join(map(str, range(200)))}]
+    long_question = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "Ok."}]
+    rows = pretokenize.Labeller(tokenizer, 64)([short, long_answer, long_question], [7, 8, 9])
+    assert rows.source_rows == [7, 8]
+    assert rows.dropped == [(9, "no trained token within MAX_SEQ_LENGTH")]
+    assert rows.truncated == 1
+    full = tokenizer.apply_chat_template(long_answer, tokenize=False)
+    assert list(rows.ids[1]) == tokenizer(full, add_special_tokens=False)["input_ids"][:64]
+
+
+def test_a_template_is_required_unless_chatml_is_asked(tiny_tokenizer, tmp_path):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(common.UserError, match="no chat template: set CHAT_TEMPLATE=chatml"):
+        pretokenize.load_tokenizer(str(tmp_path), "model")
+    chatml = pretokenize.load_tokenizer(str(tmp_path), "chatml")
+    conversation = standardized(synthetic.conversations(1))[0]
+    rows = pretokenize.Labeller(chatml, 10_000)([conversation], [0])
+    check_row(chatml, conversation, rows.ids[0], rows.labels[0], "<|im_end|>", False)
+
+
+# ---------------------------------------------------------------- the step
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """A local bucket with a dataset (3 shards) and a model with the real Qwen2.5 tokenizer,
+    imported by import-dataset.py and import-model.py running at the same time."""
+    work = tmp_path_factory.mktemp("inputs")
+    rows = synthetic.conversations(220, seed=5)
+    rows[3]["conversations"].insert(0, {"from": "system", "value": "Rule. " * 100})  # dropped
+    rows[10]["conversations"][-1]["value"] = "Long answer. " * 60  # truncated
+    rows += [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(t["role"], t["role"]),
+                                 "value": t["content"]} for t in c]} for c in EDGE_CASES]
+    (work / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = work / "model"
+    shutil.copytree(fixture_path("tokenizers", "qwen2.5-0.5b"), model)
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.zeros((2, 2), dtype=np.float32)}, str(model / "model.safetensors"))
+    env = {"BUCKET_NAME": f"file://{work / 'bucket'}"}
+    steps = [start_step("import-dataset.py", {**env, "DATASET_NAME": DATASET, "SHARD_SIZE": "80",
+                                              "DATASET_SOURCE": str(work / "chat.jsonl")}),
+             start_step("import-model.py", {**env, "MODEL_NAME": MODEL, "MODEL_SOURCE": str(model)})]
+    for step in steps:
+        output = step.communicate(timeout=300)[0]
+        assert step.returncode == 0, output
+    return work / "bucket"
+
+
+def step_env(env, tmp_path, **settings):
+    return {**env, "MODEL_NAME": MODEL, "DATASET_NAME": DATASET, "MODEL_CACHE_DIR": str(tmp_path / "cache"),
+            "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH), **settings}
+
+
+def upload_tree(root, env):
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            client.upload_file(str(path), TEST_BUCKET, str(path.relative_to(root)))
+
+
+def read_rows(objects, prefix):
+    rows = {}
+    for key, data in objects.items():
+        if key.startswith(prefix + "/shard-"):
+            for row in pq.read_table(io.BytesIO(data)).to_pylist():
+                rows[row["source_row"]] = row
+    return rows
+
+
+def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, proxy, tmp_path):
+    upload_tree(imported, proxy.env)
+    env = step_env(proxy.env, tmp_path)
+    result = run_step("pretokenize.py", env)
+    assert FAKE_SECRET not in result.stdout + result.stderr
+
+    objects = bucket_objects(env)
+    manifest = json.loads(objects[f"{PREFIX}/_manifest.json"])
+    conversations = {r["source_row"]: r["conversations"] for r in
+                     read_rows(objects, f"standardized/{DATASET}").values()}
+    rows = read_rows(objects, PREFIX)
+    dropped = [json.loads(line) for key, data in objects.items()
+               if key.startswith(f"{PREFIX}/_dropped/") for line in data.decode().splitlines()]
+    assert [d["source_row"] for d in dropped] == [3]
+    assert sorted(rows) == sorted(set(conversations) - {3})
+
+    tokenizer = pretokenize.load_tokenizer(fixture_path("tokenizers", "qwen2.5-0.5b"), "model")
+    truncated = 0
+    for source_row, row in rows.items():
+        text = tokenizer.apply_chat_template(conversations[source_row], tokenize=False)
+        full = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(full) > MAX_SEQ_LENGTH:
+            truncated += 1
+            assert row["input_ids"] == full[:MAX_SEQ_LENGTH]
+            assert trained_runs(row["input_ids"], row["labels"])
+        else:
+            check_row(tokenizer, conversations[source_row], row["input_ids"], row["labels"],
+                      "<|im_end|>", False)
+    assert truncated >= 1
+    assert manifest["complete"] is True
+    assert len(manifest["shards"]) == 3
+    assert (manifest["rows"], manifest["dropped"], manifest["truncated"]) == (len(rows), 1, truncated)
+    assert manifest["tokens"] == sum(len(r["input_ids"]) for r in rows.values())
+    assert manifest["trained_tokens"] == sum(sum(x != -100 for x in r["labels"]) for r in rows.values())
+    assert manifest["inputs"]["max_seq_length"] == MAX_SEQ_LENGTH
+
+    proxy.clear()
+    result = run_step("pretokenize.py", env)
+    assert "nothing to do" in result.stdout
+    assert proxy.writes() == []
+
+    result = run_step("pretokenize.py", {**env, "MAX_SEQ_LENGTH": "128"}, check=False)
+    assert result.returncode == 1
+    assert "max_seq_length: 96 -> 128" in result.stderr and "FORCE=1" in result.stderr
+    assert proxy.writes() == []
+
+
+def test_two_nodes_make_what_one_node_makes_and_resume_per_shard(imported, tmp_path):
+    bucket = tmp_path / "bucket"
+    shutil.copytree(imported, bucket)
+    env = step_env({"BUCKET_NAME": f"file://{bucket}"}, tmp_path)
+    run_step("pretokenize.py", env)
+    one_node = {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")}
+    shutil.rmtree(bucket / "model-ready")
+
+    nodes = [start_step("pretokenize.py", {**env, "SKYPILOT_NUM_NODES": "2",
+                                           "SKYPILOT_NODE_RANK": str(rank)}) for rank in (0, 1)]
+    for node in nodes:
+        output = node.communicate(timeout=300)[0]
+        assert node.returncode == 0, output
+    two_nodes = {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")}
+    assert two_nodes == one_node
+    assert json.loads(two_nodes[f"{PREFIX}/_manifest.json"])["complete"] is True
+
+    # As if killed after shard 0 and 2 were committed: only shard 1 is made again.
+    (bucket / PREFIX / "_manifest.json").unlink()
+    (bucket / PREFIX / "_shards" / "shard-00001.json").unlink()
+    kept = (bucket / PREFIX / "shard-00000.parquet").stat().st_mtime_ns
+    time.sleep(0.01)
+    run_step("pretokenize.py", env)
+    assert (bucket / PREFIX / "shard-00000.parquet").stat().st_mtime_ns == kept
+    assert {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")} == one_node
