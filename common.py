@@ -114,7 +114,7 @@ def parse_settings(description, settings, argv=None):
         text = None if s.secret else getattr(args, s.attr)
         if text is None:
             text = os.environ.get(s.env)
-        if text is None or (text == "" and s.type is not str):
+        if text is None or text == "":  # an empty variable (`NAME=` in .env) means unset
             if s.required:
                 raise UserError(f"{s.env} is not set: set it in the environment (.env) "
                                 f"or pass {s.flag}")
@@ -201,11 +201,13 @@ def storage_options(settings):
             "config_kwargs": config, "skip_instance_cache": True, "use_listings_cache": False}
 
 
-def boto3_client(settings):
+def boto3_client(settings, attempts=None):
     import boto3
     from botocore.config import Config
 
     endpoint, region, config, credentials = s3_config(settings)
+    if attempts:
+        config["retries"]["max_attempts"] = attempts
     return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=Config(**config),
                         aws_access_key_id=credentials.get("key"),
                         aws_secret_access_key=credentials.get("secret"))
@@ -260,7 +262,8 @@ class Bucket:
         import botocore.exceptions as bex
 
         try:
-            self.client.head_bucket(Bucket=self.name)
+            # Few attempts: an unreachable endpoint or a missing bucket should fail in seconds.
+            boto3_client(self.settings, attempts=2).head_bucket(Bucket=self.name)
         except bex.ClientError as e:
             code = str(e.response.get("Error", {}).get("Code"))
             if code in ("404", "NoSuchBucket"):
@@ -338,6 +341,7 @@ class Bucket:
             yield f
         except BaseException:
             f.discard()
+            f.closed = True  # so that garbage collection does not commit what was discarded
             raise
         f.close()
 
@@ -458,7 +462,11 @@ def parquet_writer(bucket, key, schema):
 
     with bucket.writer(key) as f:
         writer = pq.ParquetWriter(f, schema, compression="zstd")
-        yield writer
+        try:
+            yield writer
+        except BaseException:
+            writer.is_open = False  # never finish a file that is being thrown away
+            raise
         writer.close()
 
 

@@ -159,7 +159,7 @@ def import_raw(settings, bucket, source):
     if manifest["complete"]:
         log(f"{bucket.url(prefix)} is complete ({manifest['rows']} rows): nothing to do")
         return manifest
-    stream = source.stream()
+    stream = source.stream().with_format("arrow")  # batches as Arrow tables, no Python rows
     resume = manifest.get("resume") or {"state": None, "skip": 0}
     if resume["state"] is not None:
         stream.load_state_dict(resume["state"])
@@ -176,7 +176,7 @@ def import_raw(settings, bucket, source):
     progress = tqdm(desc="raw", unit=" rows", initial=manifest["rows"], dynamic_ncols=True)
     shard = contextlib.ExitStack()
     writer, rows = None, 0
-    batches = stream.with_format("arrow").iter(batch_size=ROW_GROUP_ROWS)
+    batches = stream.iter(batch_size=ROW_GROUP_ROWS)
     while True:
         # The resume point of a shard boundary inside a batch is: the stream's state before
         # the batch, plus how many of the batch's rows are already in committed shards.
