@@ -81,6 +81,8 @@ SHARED_SETTINGS = [
     Setting("AWS_ENDPOINT_URL_S3", None, "S3 endpoint (falls back to AWS_ENDPOINT_URL, "
             f"then {DEFAULT_ENDPOINT}, Tigris)"),
     Setting("AWS_REGION", "auto", "region to sign requests for (Tigris: auto)"),
+    Setting("S3_TIMEOUT", 60, "seconds a silent S3 connection or read waits before botocore "
+            "retries it", int, minimum=1),
     Setting("FORCE", False, "rebuild this step's output even if it exists or was made "
             "from other inputs", bool),
 ]
@@ -184,8 +186,8 @@ def s3_config(settings):
     config = {
         "s3": {"addressing_style": addressing},
         "retries": {"max_attempts": 10, "mode": "adaptive"},
-        "connect_timeout": 10,
-        "read_timeout": 60,
+        "connect_timeout": min(10, settings.s3_timeout),
+        "read_timeout": settings.s3_timeout,
     }
     credentials = {}
     if os.environ.get("AWS_ACCESS_KEY_ID"):

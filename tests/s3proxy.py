@@ -1,20 +1,32 @@
-"""An HTTP proxy in front of the local S3 server that records every request.
+"""An HTTP proxy in front of the local S3 server that records requests and can inject faults.
 
 Tests point AWS_ENDPOINT_URL_S3 at it to count what a step sends (a rerun of finished
-work must send no write), and to inject faults between the scripts and the server.
+work must send no write), and to fail a seeded random fraction of requests the way a
+remote object store does: 503 SlowDown, 500 InternalError, a reset connection, or a stall
+past the client's read timeout. Faults happen before the request reaches the server.
 """
 
 import http.client
 import http.server
+import random
+import socket
+import struct
 import threading
+import time
 
 WRITE_METHODS = ("PUT", "POST", "DELETE")
+FAULTS = ("503", "500", "reset", "stall")
+ERROR_BODY = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+              '<Message>injected fault</Message></Error>')
 
 
 class S3Proxy:
-    def __init__(self, upstream_port):
+    def __init__(self, upstream_port, fault_rate=0.0, seed=0, stall_seconds=0.0):
         proxy = self
-        self.requests = []  # (method, path) of every request, in order
+        self.requests = []  # (method, path) of every request that reached the server
+        self.faults = []  # (fault, method, path) of every injected fault
+        self.fault_rate, self.stall_seconds = fault_rate, stall_seconds
+        self.random = random.Random(seed)
         self.lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -36,8 +48,38 @@ class S3Proxy:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+            def _fault(self):
+                with proxy.lock:
+                    if proxy.random.random() >= proxy.fault_rate:
+                        return None
+                    fault = proxy.random.choice(FAULTS if proxy.stall_seconds else FAULTS[:3])
+                    proxy.faults.append((fault, self.command, self.path))
+                return fault
+
+            def _inject(self, fault):
+                if fault == "reset":  # RST instead of a response
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                if fault == "stall":
+                    time.sleep(proxy.stall_seconds)
+                    self.close_connection = True
+                    return
+                code = "SlowDown" if fault == "503" else "InternalError"
+                body = ERROR_BODY.format(code=code).encode()
+                self.send_response(int(fault))
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def _forward(self):
                 body = self._body()
+                fault = self._fault()
+                if fault:
+                    return self._inject(fault)
                 with proxy.lock:
                     proxy.requests.append((self.command, self.path))
                 headers = {k: v for k, v in self.headers.items()
@@ -72,6 +114,7 @@ class S3Proxy:
     def clear(self):
         with self.lock:
             self.requests.clear()
+            self.faults.clear()
 
     def close(self):
         self.server.shutdown()
