@@ -1,0 +1,641 @@
+"""Step 4: LoRA fine-tuning on the model-ready shards, one shard after another, resumable.
+
+    models/<MODEL_NAME>/                                  base model (import-model.py)
+    model-ready/<MODEL_NAME>/<DATASET_NAME>/              input_ids and labels (pretokenize.py)
+ -> checkpoints/<MODEL_NAME>/<DATASET_NAME>/_manifest.json      the plan: optimizer steps of each shard
+    checkpoints/<MODEL_NAME>/<DATASET_NAME>/checkpoint-<step>/  adapter, optimizer, scheduler, RNG,
+                                                                trainer state
+    checkpoints/<MODEL_NAME>/<DATASET_NAME>/latest.json         the checkpoint to resume from, written
+                                                                once its upload finished
+    done/<MODEL_NAME>/<DATASET_NAME>/lora_model/          the adapter and tokenizer (PeftModel.from_pretrained)
+    done/<MODEL_NAME>/<DATASET_NAME>/fused/               the adapter merged into the base, 16-bit
+                                                          safetensors (AutoModelForCausalLM, vLLM)
+    done/<MODEL_NAME>/<DATASET_NAME>/metrics.json, loss.png, _manifest.json (written last)
+
+One epoch over every shard, in manifest order, under one learning-rate schedule whose length
+is counted before training starts: each shard's optimizer steps are counted on the dataset the
+trainer itself prepares from it (packed or not). Optimizer and schedule carry over from shard to
+shard through the checkpoint saved at the end of each shard. On GPU with unsloth installed,
+unsloth trains (16-bit LoRA of exactly the bucket's model); elsewhere transformers + peft do.
+"""
+
+import gc
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from common import (CHATML_TEMPLATE, MODEL_CACHE_SETTING, Setting, UserError, checkpoints_prefix,
+                    done_prefix, download_model, fingerprint, log, model_fingerprint, model_prefix,
+                    model_ready_prefix, open_bucket, parse_settings, read_parquet_batches,
+                    require_complete, resume_or_start, run, write_manifest)
+
+SETTINGS = [
+    Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
+            required=True),
+    Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
+            required=True),
+    Setting("TRAIN_BACKEND", "auto", "unsloth (CUDA GPU), peft (transformers + peft, any "
+            "device) or auto: unsloth when a GPU and unsloth are there", choices=("auto", "unsloth", "peft")),
+    Setting("LORA_R", 16, "LoRA rank", int, minimum=1),
+    Setting("LORA_ALPHA", 16, "LoRA alpha (scale = alpha / r)", int, minimum=1),
+    Setting("LORA_DROPOUT", 0.0, "dropout on the LoRA input", float, minimum=0),
+    Setting("LEARNING_RATE", 2e-4, "peak learning rate (linear warmup, then linear decay to 0)",
+            float, minimum=0),
+    Setting("BATCH_SIZE", 2, "sequences per device batch", int, minimum=1),
+    Setting("GRAD_ACCUM", 4, "batches per optimizer step", int, minimum=1),
+    Setting("WARMUP_STEPS", 5, "optimizer steps of linear warmup", int, minimum=0),
+    Setting("WEIGHT_DECAY", 0.01, "AdamW weight decay", float, minimum=0),
+    Setting("SEED", 3407, "seed of the LoRA initialisation and of the data order", int, minimum=0),
+    Setting("MAX_SEQ_LENGTH", 4096, "tokens per training sequence (longer rows are cut)", int,
+            minimum=8),
+    Setting("PACKING", True, "pack rows into MAX_SEQ_LENGTH sequences, padding-free (0: one "
+            "padded row per sequence)", bool),
+    Setting("MAX_STEPS", None, "stop after this many optimizer steps (smoke runs; default: one "
+            "epoch)", int, minimum=1),
+    Setting("SAVE_STEPS", 200, "optimizer steps between checkpoints (and one at each shard's end)",
+            int, minimum=1),
+    Setting("LOGGING_STEPS", 1, "optimizer steps between log lines", int, minimum=1),
+    Setting("WORK_DIR", os.path.join(tempfile.gettempdir(), "dotrain"),
+            "local scratch directory (two shards, a checkpoint, the exported model)"),
+    Setting("SAMPLE_PROMPT", "Give three tips for staying healthy.",
+            "user message answered greedily by the fused model as a smoke test"),
+    MODEL_CACHE_SETTING,
+]
+CODE_VERSION = "dotrain/1"  # bump when a change alters what training produces
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+POINTER = "latest.json"
+HELD_BACK_ROWS, HELD_BACK_TOKENS = 3, 64  # rows of the last shard whose logits are compared
+# Fused weights are the base + adapter product rounded to 16 bits: logits may move by a
+# small fraction of their range, never by more.
+LOGITS_TOLERANCE = 0.01  # max |fused - (base + adapter)| / max |base + adapter|, in float32
+SAMPLE_TOKENS = 64
+
+
+def main():
+    settings = parse_settings(__doc__, SETTINGS)
+    bucket = open_bucket(settings)
+    model_manifest = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
+    data = require_complete(bucket, model_ready_prefix(settings.model_name, settings.dataset_name),
+                            "pretokenize.py")
+    inputs = run_inputs(settings, model_manifest, data)
+    done = resume_or_start(bucket, done_prefix(settings.model_name, settings.dataset_name), inputs,
+                           settings.force)
+    if done["complete"]:
+        log(f"{bucket.url(done_prefix(settings.model_name, settings.dataset_name))} is complete: "
+            "nothing to do")
+        return
+    plan = resume_or_start(bucket, checkpoints_prefix(settings.model_name, settings.dataset_name),
+                           inputs, settings.force)
+    backend = choose_backend(settings)
+    work = Work(settings)
+    model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
+    model, tokenizer = load_for_training(settings, backend, model_dir)
+    plan = make_plan(settings, bucket, backend, model, tokenizer, data, plan, work)
+    checkpoint = train(settings, bucket, backend, model, tokenizer, plan, work)
+    del model
+    release_memory()
+    export(settings, bucket, model_dir, checkpoint, plan, data, inputs, backend, work)
+
+
+def run_inputs(settings, model_manifest, data):
+    """What the result depends on; a change of any of these is refused over existing output."""
+    hyperparameters = {name: getattr(settings, name) for name in (
+        "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "grad_accum",
+        "warmup_steps", "weight_decay", "seed", "max_seq_length", "packing", "max_steps")}
+    return {"step": CODE_VERSION, "model": model_fingerprint(model_manifest),
+            "model_ready": fingerprint(data), "target_modules": TARGET_MODULES, **hyperparameters}
+
+
+class Work:
+    """The local scratch directories of this model and dataset."""
+
+    def __init__(self, settings):
+        self.root = os.path.join(os.path.expanduser(settings.work_dir), settings.model_name,
+                                 settings.dataset_name)
+        self.shards = os.path.join(self.root, "shards")
+        self.trainer = os.path.join(self.root, "trainer")
+        self.export = os.path.join(self.root, "export")
+        for path in (self.shards, self.trainer, self.export):  # leftovers of a killed run
+            shutil.rmtree(path, ignore_errors=True)
+            os.makedirs(path)
+
+
+# ---------------------------------------------------------------- backend and model
+
+
+@dataclass
+class Backend:
+    name: str  # unsloth | peft
+    device: str  # cuda | cpu
+    bf16: bool
+    fp16: bool
+    optim: str
+    trainer_class: type = None
+
+
+def choose_backend(settings):
+    """unsloth on a CUDA GPU when installed (imported here, before transformers, trl and peft,
+    which it patches), else transformers + peft; and the precision and optimizer of the device."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if settings.train_backend == "unsloth" and not cuda:
+        raise UserError("TRAIN_BACKEND=unsloth needs a CUDA GPU and this machine has none: "
+                        "use TRAIN_BACKEND=peft (or auto) here")
+    if settings.train_backend == "unsloth" and not has_unsloth:
+        raise UserError("TRAIN_BACKEND=unsloth but unsloth is not installed: pip install "
+                        "unsloth==2026.10.9 (see requirements.txt), or use TRAIN_BACKEND=peft")
+    name = "unsloth" if cuda and has_unsloth and settings.train_backend != "peft" else "peft"
+    if name == "unsloth":
+        import unsloth  # noqa: F401
+    elif cuda and settings.train_backend == "auto":
+        log("unsloth is not installed: training with transformers + peft")
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    eight_bit = cuda and importlib.util.find_spec("bitsandbytes") is not None
+    # Packed, padding-free batches are exact with SDPA too, as long as no KV cache is built
+    # (compute_loss passes use_cache=False; the tests check it): TRL's warning does not apply.
+    logging.getLogger("trl.trainer.sft_trainer").addFilter(
+        lambda record: "Flash Attention variant" not in record.getMessage())
+    backend = Backend(name, "cuda" if cuda else "cpu", bf16=bf16, fp16=cuda and not bf16,
+                      optim="adamw_8bit" if eight_bit else "adamw_torch")
+    backend.trainer_class = shard_trainer_class(backend)
+    log(f"backend: {name} on {backend.device}, {'bf16' if bf16 else 'fp16' if backend.fp16 else 'fp32'}, "
+        f"{backend.optim}")
+    return backend
+
+
+def load_for_training(settings, backend, model_dir):
+    """The base model with fresh LoRA adapters on the seven projections, and its tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, set_seed
+
+    set_seed(settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lora = dict(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                target_modules=TARGET_MODULES, bias="none")
+    if backend.name == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(
+            model_name=model_dir, max_seq_length=settings.max_seq_length, dtype=None,
+            load_in_4bit=False, use_exact_model_name=True)
+        return FastLanguageModel.get_peft_model(model, **lora, use_gradient_checkpointing="unsloth",
+                                                random_state=settings.seed), tokenizer
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if backend.bf16 else torch.float16 if backend.fp16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    model.to(backend.device)
+    return get_peft_model(model, LoraConfig(**lora, task_type="CAUSAL_LM")), tokenizer
+
+
+def shard_trainer_class(backend):
+    """TRL's SFTTrainer (unsloth's when unsloth is imported) that also logs, at each logging
+    step, the shard, the tokens per second since the last log and the training time so far."""
+    import transformers
+    from trl import SFTTrainer
+
+    class ShardTrainer(SFTTrainer):
+        shard = None
+        seconds = None  # () -> training seconds of the whole run so far
+        last_log = None  # (time, tokens seen) at the previous log of this process
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if backend.name == "unsloth":
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            # trl 1.15's own loss calls a kernel that CPU torch lacks; transformers' gives the
+            # same numbers.
+            return transformers.Trainer.compute_loss(self, model, {**inputs, "use_cache": False},
+                                                     return_outputs, num_items_in_batch)
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs and start_time is not None:
+                now, seen = time.time(), self.state.num_input_tokens_seen
+                since, seen_then = self.last_log or (start_time, self._initial_num_input_tokens_seen)
+                logs.update(shard=self.shard, seconds=round(self.seconds(), 3),
+                            tokens_per_second=round((seen - seen_then) / max(now - since, 1e-6), 1))
+                self.last_log = (now, seen)
+            super().log(logs, start_time)
+
+    return ShardTrainer
+
+
+def make_trainer(settings, backend, model, tokenizer, dataset, work, max_steps, callbacks=()):
+    from trl import SFTConfig
+
+    config = SFTConfig(
+        output_dir=work.trainer, report_to="none", seed=settings.seed,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
+        lr_scheduler_type="linear", warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay, optim=backend.optim, bf16=backend.bf16, fp16=backend.fp16,
+        # unsloth checkpoints gradients itself; on CPU the models are small and time matters more
+        gradient_checkpointing=backend.name == "peft" and backend.device == "cuda",
+        max_length=settings.max_seq_length, packing=settings.packing, packing_strategy="bfd",
+        max_steps=max_steps, ignore_data_skip=True, train_sampling_strategy="sequential",
+        save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
+        logging_steps=settings.logging_steps,
+        include_num_input_tokens_seen="all" if settings.packing else "non_padding",
+        disable_tqdm=True)
+    return backend.trainer_class(model=model, args=config, train_dataset=dataset,
+                                 processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def release_memory():
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- shards and the plan
+
+
+def local_shards(bucket, prefix, shards, first, directory):
+    """(index, local path) of shards[first:] in order. The next shard downloads while the caller
+    trains on the current one; a shard's local files go once the caller moves on."""
+
+    def fetch(index):
+        folder = os.path.join(directory, str(index))
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, os.path.basename(shards[index]["path"]))
+        bucket.download(f"{prefix}/{shards[index]['path']}", path)
+        return path
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(fetch, first) if first < len(shards) else None
+        for index in range(first, len(shards)):
+            path = pending.result()
+            pending = pool.submit(fetch, index + 1) if index + 1 < len(shards) else None
+            try:
+                yield index, path
+            finally:
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def load_shard(path, entry):
+    """A local shard as a memory-mapped dataset of input_ids and labels, exactly as pretokenized."""
+    import datasets
+
+    dataset = datasets.Dataset.from_parquet(path, cache_dir=os.path.join(os.path.dirname(path), "cache"))
+    if len(dataset) != entry["rows"]:
+        raise UserError(f"{entry['path']} has {len(dataset)} rows but its manifest says "
+                        f"{entry['rows']}: rerun pretokenize.py with FORCE=1")
+    return dataset.select_columns(["input_ids", "labels"])
+
+
+def optimizer_steps(sequences, settings):
+    """Optimizer steps of one pass over `sequences`, as transformers.Trainer counts them: the last
+    batch and the last accumulation may be short, and each still makes a step."""
+    return math.ceil(math.ceil(sequences / settings.batch_size) / settings.grad_accum)
+
+
+def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work):
+    """The optimizer steps of every shard, counted once on the trainer's own preparation of
+    each shard (packing, truncation, dropped rows) and saved before training starts."""
+    prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
+    if plan.get("total_steps") is not None:
+        if plan["optim"] != backend.optim:
+            raise UserError(f"the checkpoints in {bucket.url(prefix)} carry {plan['optim']} optimizer "
+                            f"state and this machine trains with {backend.optim}: resume on the same "
+                            "kind of machine, or rerun with FORCE=1 to start over")
+        return plan
+    data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
+    for index, path in local_shards(bucket, data_prefix, data["shards"], 0, work.shards):
+        entry = data["shards"][index]
+        trainer = make_trainer(settings, backend, model, tokenizer, load_shard(path, entry), work,
+                               max_steps=1)
+        sequences, tokens = len(trainer.train_dataset), count_tokens(trainer.train_dataset)
+        shard = {"path": entry["path"], "rows": entry["rows"], "sequences": sequences,
+                 "steps": optimizer_steps(sequences, settings), "tokens": tokens,
+                 "trained_tokens": entry.get("trained_tokens"),
+                 "dropped_rows": 0 if settings.packing else entry["rows"] - sequences,
+                 "cut_tokens": entry["tokens"] - tokens if "tokens" in entry else None}
+        if shard["dropped_rows"] or shard["cut_tokens"]:
+            log(f"{entry['path']}: rows longer than MAX_SEQ_LENGTH={settings.max_seq_length} lose "
+                f"{shard['cut_tokens']} tokens; {shard['dropped_rows']} rows are left with no "
+                "trained token and dropped")
+        plan["shards"].append(shard)
+        plan["rows"] += entry["rows"]
+        del trainer
+    all_steps = sum(shard["steps"] for shard in plan["shards"])
+    plan.update(total_steps=min(all_steps, settings.max_steps or all_steps), optim=backend.optim)
+    write_manifest(bucket, prefix, plan)
+    log(f"plan: {plan['total_steps']} optimizer steps over {len(plan['shards'])} shards "
+        f"({', '.join(str(shard['steps']) for shard in plan['shards'])})"
+        + (f", capped by MAX_STEPS from {all_steps}" if plan["total_steps"] < all_steps else ""))
+    return plan
+
+
+def count_tokens(dataset):
+    import pyarrow.compute as pc
+
+    return sum(pc.sum(pc.list_value_length(batch["input_ids"])).as_py() or 0
+               for batch in dataset.with_format("arrow").iter(batch_size=10_000))
+
+
+def shard_starts(plan):
+    """The global step at which each shard begins."""
+    starts, step = [], 0
+    for shard in plan["shards"]:
+        starts.append(step)
+        step += shard["steps"]
+    return starts
+
+
+def position(plan, step):
+    """(shard index, its optimizer steps already done) after `step` steps of the run."""
+    for index, (start, shard) in enumerate(zip(shard_starts(plan), plan["shards"])):
+        if step < start + shard["steps"]:
+            return index, step - start
+    return len(plan["shards"]), 0
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(settings, bucket, backend, model, tokenizer, plan, work):
+    """Train from the latest checkpoint to the plan's last step; the path of the last checkpoint."""
+    prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
+    pointer = json.loads(bucket.get(f"{prefix}/{POINTER}") or "null")
+    step, total = pointer["step"] if pointer else 0, plan["total_steps"]
+    checkpoint = fetch_checkpoint(bucket, prefix, pointer, work) if pointer else None
+    if step < total:
+        first, into = position(plan, step)
+        log(f"resuming at step {step}: shard {first}, after {into} of its "
+            f"{plan['shards'][first]['steps']} steps" if pointer else
+            f"training {total} steps over {len(plan['shards'])} shards")
+        began, seconds_before = time.time(), pointer["seconds"] if pointer else 0.0
+        checkpoint = train_shards(settings, bucket, backend, model, tokenizer, plan, work, step,
+                                  checkpoint, lambda: seconds_before + time.time() - began)
+    if not plan["complete"]:
+        plan["complete"] = True
+        write_manifest(bucket, prefix, plan)
+        log(f"training complete: {total} steps")
+    return checkpoint
+
+
+def train_shards(settings, bucket, backend, model, tokenizer, plan, work, step, checkpoint, seconds):
+    """Train shard after shard from `step` (and its checkpoint) on; `seconds()` is the training
+    time of the run so far, this process's and that of the checkpoints before."""
+    prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
+    data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
+    starts, total = shard_starts(plan), plan["total_steps"]
+    first, _ = position(plan, step)
+    for index, path in local_shards(bucket, data_prefix, plan["shards"], first, work.shards):
+        end = min(starts[index] + plan["shards"][index]["steps"], total)
+        if end == step:  # a shard with nothing left to train on
+            continue
+        upload = checkpoint_callback(bucket, prefix, plan, end, seconds)
+        trainer = make_trainer(settings, backend, model, tokenizer,
+                               load_shard(path, plan["shards"][index]), work, total, [upload])
+        # The trainer's own order is sequential: this fixed shuffle of the prepared shard is what
+        # a resumed run skips into.
+        order = trainer.train_dataset.shuffle(seed=settings.seed + index)
+        done = (step - starts[index]) * settings.batch_size * settings.grad_accum
+        trainer.train_dataset = order.select(range(done, len(order)))
+        trainer.shard, trainer.seconds = index, seconds
+        log(f"shard {index} ({plan['shards'][index]['path']}): steps {step + 1}..{end}")
+        trainer.train(resume_from_checkpoint=checkpoint)
+        if trainer.state.global_step != end:
+            raise RuntimeError(f"shard {index} ended at step {trainer.state.global_step}, "
+                               f"not at the planned {end}")
+        step, checkpoint = end, os.path.join(work.trainer, f"checkpoint-{end}")
+        del trainer, order
+        release_memory()
+        if step >= total:
+            break
+    return checkpoint
+
+
+def fetch_checkpoint(bucket, prefix, pointer, work):
+    local = os.path.join(work.trainer, pointer["checkpoint"])
+    for name in pointer["files"]:
+        os.makedirs(os.path.dirname(os.path.join(local, name)), exist_ok=True)
+        bucket.download(f"{prefix}/{pointer['checkpoint']}/{name}", os.path.join(local, name))
+    return local
+
+
+def upload(bucket, local_path, key):
+    if bucket.is_local:  # Bucket.upload does not create a key's folders in a local directory
+        os.makedirs(os.path.dirname(bucket.path(key)), exist_ok=True)
+    bucket.upload(local_path, key)
+
+
+def checkpoint_callback(bucket, prefix, plan, shard_end, seconds):
+    """Stops (and saves) at the shard's last step; uploads every checkpoint the trainer saves,
+    then points latest.json at it, then removes the older ones from the bucket."""
+    from transformers import TrainerCallback
+
+    class UploadCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= shard_end:
+                control.should_save = control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kwargs):
+            name = f"checkpoint-{state.global_step}"
+            local = os.path.join(args.output_dir, name)
+            files = sorted(os.path.relpath(os.path.join(folder, file), local)
+                           for folder, _, names in os.walk(local) for file in names)
+            for file in files:
+                upload(bucket, os.path.join(local, file), f"{prefix}/{name}/{file}")
+            shard, into = position(plan, state.global_step)
+            bucket.put(f"{prefix}/{POINTER}", json.dumps({
+                "step": state.global_step, "checkpoint": name, "files": files, "shard": shard,
+                "steps_into_shard": into, "total_steps": plan["total_steps"],
+                "seconds": round(seconds(), 3)}, indent=1).encode())
+            for old in bucket.fs.ls(bucket.path(prefix), detail=False):
+                if os.path.basename(old).startswith("checkpoint-") and os.path.basename(old) != name:
+                    bucket.fs.rm(old, recursive=True)
+            log(f"checkpoint {state.global_step}/{plan['total_steps']} saved to {bucket.url(prefix)}/{name}")
+
+    return UploadCheckpoints()
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def export(settings, bucket, model_dir, checkpoint, plan, data, inputs, backend, work):
+    """lora_model/ and fused/, checked against each other, metrics, then the done manifest."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prefix = done_prefix(settings.model_name, settings.dataset_name)
+    tokenizer = output_tokenizer(model_dir, data)
+    lora_dir, fused_dir = os.path.join(work.export, "lora_model"), os.path.join(work.export, "fused")
+    save_adapter(checkpoint, lora_dir, settings.model_name, tokenizer)
+    examples = held_back_examples(bucket, settings, plan)
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, lora_dir)
+    reference = logits(adapted, examples)
+    with adapted.disable_adapter():
+        adapter_effect = (reference - logits(adapted, examples)).abs().max().item()
+    fused = adapted.merge_and_unload().to(base_dtype(model_dir))
+    fused.config.use_cache = True
+    fused.generation_config = stop_at_end_of_turn(fused.generation_config, tokenizer)
+    fused.save_pretrained(fused_dir)
+    tokenizer.save_pretrained(fused_dir)
+    del base, adapted, fused
+    release_memory()
+
+    fused = AutoModelForCausalLM.from_pretrained(fused_dir, dtype=torch.float32)
+    difference = (logits(fused, examples) - reference).abs().max().item() / reference.abs().max().item()
+    check = {"held_back": f"first {len(examples)} rows of {plan['shards'][last_trained(plan)]['path']}, "
+             f"up to {HELD_BACK_TOKENS} tokens", "max_relative_logit_difference": difference,
+             "tolerance": LOGITS_TOLERANCE, "adapter_max_logit_change": adapter_effect}
+    log(f"fused vs base + adapter: max |logit difference| = {difference:.2e} of the logit range "
+        f"(tolerance {LOGITS_TOLERANCE}); the adapter itself moves logits by up to {adapter_effect:.3f}")
+    if not difference <= LOGITS_TOLERANCE:
+        raise UserError(f"the fused model's logits differ from base + adapter by {difference:.3g} of "
+                        f"their range, more than {LOGITS_TOLERANCE}: the merge went wrong; nothing "
+                        "was published")
+    sample = generate(fused, tokenizer, settings.sample_prompt)
+    log(f"sample (greedy, fused model): {settings.sample_prompt!r} -> {sample!r}")
+    del fused
+
+    metrics = run_metrics(checkpoint, plan, backend)
+    plot_loss(metrics, os.path.join(work.export, "loss.png"))
+    for folder in (lora_dir, fused_dir):
+        for name in sorted(os.listdir(folder)):
+            upload(bucket, os.path.join(folder, name), f"{prefix}/{os.path.basename(folder)}/{name}")
+    bucket.put(f"{prefix}/metrics.json", json.dumps(metrics, indent=1).encode())
+    upload(bucket, os.path.join(work.export, "loss.png"), f"{prefix}/loss.png")
+    trained = metrics["shards"]
+    write_manifest(bucket, prefix, {
+        "complete": True, "inputs": inputs, "rows": sum(shard["rows"] for shard in trained),
+        "shards": trained, "total_steps": plan["total_steps"], "tokens_seen": metrics["tokens_seen"],
+        "backend": backend.name, "check": check,
+        "sample": {"prompt": settings.sample_prompt, "completion": sample},
+        "outputs": ["lora_model/", "fused/", "metrics.json", "loss.png"]})
+    log(f"{bucket.url(prefix)} complete: {plan['total_steps']} steps, lora_model/ and fused/")
+    shutil.rmtree(work.root, ignore_errors=True)
+
+
+def output_tokenizer(model_dir, data):
+    """The base tokenizer with the plain chat template the data was rendered with."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if data["inputs"].get("chat_template") == "chatml" or not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def save_adapter(checkpoint, lora_dir, model_name, tokenizer):
+    """The checkpoint's adapter, naming the bucket's model as its base, with the tokenizer."""
+    os.makedirs(lora_dir)
+    shutil.copy(os.path.join(checkpoint, "adapter_model.safetensors"), lora_dir)
+    with open(os.path.join(checkpoint, "adapter_config.json")) as f:
+        config = json.load(f)
+    config["base_model_name_or_path"] = model_name  # not the local copy it was trained from
+    with open(os.path.join(lora_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tokenizer.save_pretrained(lora_dir)
+
+
+def last_trained(plan):
+    return max(index for index, shard in enumerate(plan["shards"])
+               if shard["steps"] and shard_starts(plan)[index] < plan["total_steps"])
+
+
+def held_back_examples(bucket, settings, plan):
+    """A few rows of the last trained shard, cut short: the logits compared after the merge."""
+    prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
+    key = f"{prefix}/{plan['shards'][last_trained(plan)]['path']}"
+    batch = next(read_parquet_batches(bucket, key, HELD_BACK_ROWS))
+    return [ids[:HELD_BACK_TOKENS] for ids in batch.column("input_ids").to_pylist()]
+
+
+def logits(model, examples):
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([model(input_ids=torch.tensor([ids])).logits[0].float() for ids in examples])
+
+
+def base_dtype(model_dir):
+    import torch
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def stop_at_end_of_turn(generation_config, tokenizer):
+    """Generation stops at the chat's end-of-turn token as well as at eos."""
+    stops = [tokenizer.convert_tokens_to_ids(token) for token in ("<|im_end|>",)
+             if token in tokenizer.get_vocab()]
+    eos = generation_config.eos_token_id
+    for token in [tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]:
+        if token is not None and token not in stops:
+            stops.append(token)
+    generation_config.eos_token_id = stops
+    generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
+    return generation_config
+
+
+def generate(model, tokenizer, prompt):
+    import torch
+
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_dict=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=SAMPLE_TOKENS, do_sample=False)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def run_metrics(checkpoint, plan, backend):
+    """Loss, learning rate and tokens/s of every logging step, and a summary of each shard."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        state = json.load(f)
+    keys = ("step", "shard", "loss", "learning_rate", "grad_norm", "tokens_per_second",
+            "num_input_tokens_seen", "seconds")
+    steps = [{key: entry.get(key) for key in keys} for entry in state["log_history"] if "loss" in entry]
+    shards, starts = [], shard_starts(plan)
+    for index, shard in enumerate(plan["shards"]):
+        start, end = starts[index], min(starts[index] + shard["steps"], plan["total_steps"])
+        if start >= plan["total_steps"]:
+            break
+        logged = [entry for entry in steps if start < entry["step"] <= end]
+        shards.append({**shard, "first_step": start + 1, "last_step": end,
+                       "partial": end < start + shard["steps"],
+                       "mean_loss": sum(e["loss"] for e in logged) / len(logged) if logged else None})
+    return {"steps": steps, "shards": shards, "total_steps": plan["total_steps"],
+            "tokens_seen": state.get("num_input_tokens_seen"),
+            "trained_tokens": sum(shard["trained_tokens"] or 0 for shard in shards),
+            "training_seconds": steps[-1]["seconds"] if steps else None, "backend": backend.name,
+            "device": backend.device}
+
+
+def plot_loss(metrics, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot([e["step"] for e in metrics["steps"]], [e["loss"] for e in metrics["steps"]], lw=1)
+    for shard in metrics["shards"][1:]:
+        ax.axvline(shard["first_step"] - 0.5, color="grey", ls=":", lw=0.8)
+    ax.set(xlabel="optimizer step (dotted: shard boundaries)", ylabel="training loss",
+           title="training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run(main)

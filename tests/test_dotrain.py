@@ -1,0 +1,316 @@
+"""dotrain.py on a tiny Qwen2 model with random weights and three small model-ready shards."""
+
+import hashlib
+import json
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import boto3
+import pytest
+from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, run_step,
+                      start_step)
+
+sys.path.insert(0, str(ROOT / "demo"))
+MODEL, DATASET = "tiny/qwen2", "synthetic/colors"
+SHARD_ROWS = (60, 60, 60)
+MAX_SEQ_LENGTH = 128
+# A learning rate far above the default: the base model is random and the test has ~25 steps.
+TRAINING = {"MODEL_NAME": MODEL, "DATASET_NAME": DATASET, "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH),
+            "BATCH_SIZE": "2", "GRAD_ACCUM": "2", "WARMUP_STEPS": "2", "LEARNING_RATE": "1e-2",
+            "LORA_R": "8", "SAVE_STEPS": "2", "SAMPLE_PROMPT": "The car is red. What color is the car?"}
+
+
+# ---------------------------------------------------------------- inputs in the bucket
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny ChatML tokenizer and a two-layer Qwen2 with random weights, saved as published."""
+    from synthetic import make_model, make_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny")
+    make_tokenizer(out / "tokenizer")
+    return Path(make_model(out / "model", out / "tokenizer"))
+
+
+def put_object(env, key, data):
+    url = env["BUCKET_NAME"]
+    if url.startswith("file://"):
+        path = Path(url[len("file://"):]) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    else:
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                     aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET,
+                     ).put_object(Bucket=TEST_BUCKET, Key=key, Body=data)
+
+
+def get_object(env, key):
+    url = env["BUCKET_NAME"]
+    if url.startswith("file://"):
+        path = Path(url[len("file://"):]) / key
+        return path.read_bytes() if path.exists() else None
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+    try:
+        return client.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+
+
+def put_model(env, model_dir):
+    """models/<MODEL>/ as import-model.py leaves it: the files and a manifest with their hashes."""
+    files = []
+    for path in sorted(model_dir.iterdir()):
+        data = path.read_bytes()
+        put_object(env, f"models/{MODEL}/{path.name}", data)
+        files.append({"path": path.name, "size": len(data), "rows": 0,
+                      "sha256": hashlib.sha256(data).hexdigest()})
+    put_object(env, f"models/{MODEL}/_manifest.json", json.dumps(
+        {"complete": True, "inputs": {"step": "models/1", "source": str(model_dir)},
+         "shards": files, "rows": 0}).encode())
+
+
+def encode(tokenizer, conversation):
+    """ChatML token ids, with labels on each answer and the <|im_end|> that closes it."""
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    newline = tokenizer.encode("\n")
+    ids, labels = [], []
+    for turn in conversation:
+        role = {"system": "system", "human": "user", "gpt": "assistant"}[turn["from"]]
+        head, body = [start, *tokenizer.encode(role + "\n")], tokenizer.encode(turn["value"]) + [end]
+        ids += head + body + newline
+        labels += [-100] * len(head) + (body if role == "assistant" else [-100] * len(body))
+        labels += [-100] * len(newline)
+    return ids, labels
+
+
+def put_model_ready(env, model_dir):
+    """model-ready/<MODEL>/<DATASET>/: shards of the synthetic pattern and their manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from synthetic import conversations
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    shards, first_row = [], 0
+    for index, rows in enumerate(SHARD_ROWS):
+        encoded = [encode(tokenizer, row["conversations"]) for row in conversations(rows, seed=10 + index)]
+        assert max(len(ids) for ids, _ in encoded) <= MAX_SEQ_LENGTH  # nothing is cut
+        table = pa.table({
+            "input_ids": pa.array([ids for ids, _ in encoded], pa.list_(pa.int32())),
+            "labels": pa.array([labels for _, labels in encoded], pa.list_(pa.int32())),
+            "source_row": pa.array(range(first_row, first_row + rows), pa.int64())})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        name = f"shard-{index:05d}.parquet"
+        put_object(env, f"model-ready/{MODEL}/{DATASET}/{name}", sink.getvalue().to_pybytes())
+        shards.append({"path": name, "rows": rows, "tokens": sum(len(ids) for ids, _ in encoded),
+                       "trained_tokens": sum(sum(x != -100 for x in labels) for _, labels in encoded)})
+        first_row += rows
+    put_object(env, f"model-ready/{MODEL}/{DATASET}/_manifest.json", json.dumps(
+        {"complete": True, "inputs": {"step": "model-ready/1", "chat_template": "model"},
+         "shards": shards, "rows": first_row}).encode())
+    return shards
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def kill_when(env, work_dir, condition, timeout=300):
+    """Start dotrain.py, SIGKILL it as soon as latest.json satisfies `condition`; return the
+    pointer it was killed at and the most shard folders seen on local disk at once."""
+    process = start_step("dotrain.py", env)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    shards_dir = work_dir / MODEL / DATASET / "shards"
+    most_shards, deadline = 0, time.time() + timeout
+    while process.poll() is None and time.time() < deadline:
+        if shards_dir.exists():
+            most_shards = max(most_shards, len(list(shards_dir.iterdir())))
+        pointer = json.loads(get_object(env, f"checkpoints/{MODEL}/{DATASET}/latest.json") or "null")
+        if pointer and condition(pointer):
+            process.kill()
+            break
+        time.sleep(0.05)
+    process.wait()
+    reader.join()
+    assert process.returncode == -9, f"not killed ({process.returncode}):\n{''.join(output)}"
+    return json.loads(get_object(env, f"checkpoints/{MODEL}/{DATASET}/latest.json")), most_shards
+
+
+def download_prefix(env, prefix, out):
+    for key, data in bucket_objects(env).items():
+        if key.startswith(prefix + "/"):
+            path = out / key[len(prefix) + 1:]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    return out
+
+
+def logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_killed_run_resumes_to_the_same_end_and_outputs_load(s3, proxy, tiny_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    put_model(s3, tiny_model)
+    shards = put_model_ready(s3, tiny_model)
+    env = {**s3, **TRAINING, "WORK_DIR": str(tmp_path / "work"),
+           "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+
+    # Killed in the middle of the second shard, just after a checkpoint was pointed at.
+    def mid_second_shard(pointer):
+        return pointer["shard"] == 1 and pointer["steps_into_shard"] > 0
+
+    killed_at, most_shards = kill_when(env, tmp_path / "work", mid_second_shard)
+    plan = json.loads(get_object(env, f"checkpoints/{MODEL}/{DATASET}/_manifest.json"))
+    steps = [shard["steps"] for shard in plan["shards"]]
+    assert steps[0] < killed_at["step"] < steps[0] + steps[1]
+    assert most_shards <= 2  # the shard being trained and the next one
+    assert get_object(env, f"done/{MODEL}/{DATASET}/_manifest.json") is None
+
+    result = run_step("dotrain.py", env)
+    assert f"resuming at step {killed_at['step']}: shard 1" in result.stdout
+    assert "shard 0 (" not in result.stdout  # never trained again
+
+    # Every step once, each on the shard the plan gives it; every shard's tokens seen once.
+    done = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/_manifest.json"))
+    metrics = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/metrics.json"))
+    total = sum(steps)
+    assert done["complete"] and done["total_steps"] == total == plan["total_steps"]
+    assert [entry["step"] for entry in metrics["steps"]] == list(range(1, total + 1))
+    bounds = [sum(steps[:i]) for i in range(len(steps) + 1)]
+    assert [entry["shard"] for entry in metrics["steps"]] == \
+        [i for i in range(len(steps)) for _ in range(bounds[i], bounds[i + 1])]
+    assert metrics["tokens_seen"] == sum(shard["tokens"] for shard in shards)
+    assert [shard["path"] for shard in done["shards"]] == [shard["path"] for shard in shards]
+    assert done["rows"] == sum(SHARD_ROWS)
+    # Steps per shard as the trainer counts them: packed sequences / (batch * accumulation).
+    for shard in done["shards"]:
+        assert shard["steps"] == math.ceil(math.ceil(shard["sequences"] / 2) / 2)
+        assert shard["cut_tokens"] == 0
+    losses = [entry["loss"] for entry in metrics["steps"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    objects = bucket_objects(s3)
+    assert {key.split("/checkpoint-")[1].split("/")[0] for key in objects if "/checkpoint-" in key} \
+        == {str(total)}  # older checkpoints removed
+    assert f"done/{MODEL}/{DATASET}/loss.png" in objects
+    assert not (tmp_path / "work" / MODEL / DATASET).exists()
+
+    # Both outputs load; fused equals base + adapter within the stated tolerance.
+    lora = download_prefix(s3, f"done/{MODEL}/{DATASET}/lora_model", tmp_path / "lora")
+    fused_dir = download_prefix(s3, f"done/{MODEL}/{DATASET}/fused", tmp_path / "fused")
+    ids = AutoTokenizer.from_pretrained(lora)("<|im_start|>user\nThe bird is blue. What color is "
+                                              "the bird?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), lora)
+    reference = logits(adapted, ids)
+    with adapted.disable_adapter():
+        adapter_change = (reference - logits(adapted, ids)).abs().max().item()
+    fused = AutoModelForCausalLM.from_pretrained(fused_dir, dtype=torch.float32)
+    difference = (logits(fused, ids) - reference).abs().max().item() / reference.abs().max().item()
+    assert difference <= done["check"]["tolerance"]
+    assert difference * reference.abs().max().item() < adapter_change / 10  # the check can fail
+    assert json.loads((fused_dir / "config.json").read_text())["use_cache"] is True
+    assert json.loads((fused_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    tokenizer = AutoTokenizer.from_pretrained(fused_dir)
+    stops = GenerationConfig.from_pretrained(fused_dir).eos_token_id
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops and tokenizer.eos_token_id in stops
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert done["sample"]["prompt"] == TRAINING["SAMPLE_PROMPT"]
+
+    # A rerun of finished work writes nothing; changed settings are refused, also without writes.
+    proxied = {**env, **proxy.env}
+    proxy.clear()
+    assert "nothing to do" in run_step("dotrain.py", proxied).stdout
+    changed = run_step("dotrain.py", {**proxied, "LORA_R": "4"}, check=False)
+    assert changed.returncode == 1 and changed.stderr.startswith("error: ")
+    assert "lora_r: 8 -> 4" in changed.stderr and len(changed.stderr.splitlines()) == 1
+    assert proxy.writes() == []
+
+
+def test_unpacked_capped_run_on_a_local_bucket(local_bucket, tiny_model, tmp_path):
+    import torch
+
+    put_model(local_bucket, tiny_model)
+    put_model_ready(local_bucket, tiny_model)
+    env = {**local_bucket, **TRAINING, "PACKING": "0", "MAX_STEPS": "3",
+           "WORK_DIR": str(tmp_path / "work"), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    if not torch.cuda.is_available():
+        refused = run_step("dotrain.py", {**env, "TRAIN_BACKEND": "unsloth"}, check=False)
+        assert refused.returncode == 1 and "needs a CUDA GPU" in refused.stderr
+    run_step("dotrain.py", env)
+    done = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/_manifest.json"))
+    assert done["total_steps"] == 3 and done["inputs"]["packing"] is False
+    # One row per sequence when not packing: 60 rows -> 30 batches -> 15 optimizer steps.
+    assert [(s["sequences"], s["steps"], s["partial"]) for s in done["shards"]] == [(60, 15, True)]
+    metrics = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/metrics.json"))
+    assert [entry["step"] for entry in metrics["steps"]] == [1, 2, 3]
+    for name in ("lora_model/adapter_model.safetensors", "fused/model.safetensors", "loss.png"):
+        assert get_object(env, f"done/{MODEL}/{DATASET}/{name}") is not None
+
+
+def test_packed_loss_equals_unpacked_loss(tiny_model, tmp_path):
+    """Padding-free packing must not let sequences attend to each other (SDPA, no flash
+    attention): the trainer's loss on a packed batch equals the loss of its rows padded."""
+    import datasets
+    import dotrain
+    import torch
+    from transformers import AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from synthetic import conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [encode(tokenizer, row["conversations"]) for row in conversations(16, seed=3)]
+    dataset = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in rows],
+                                          "labels": [labels for _, labels in rows]})
+    settings = SimpleNamespace(seed=0, batch_size=2, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
+                               weight_decay=0.0, max_seq_length=256, packing=True, save_steps=10,
+                               logging_steps=1, lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    backend = dotrain.Backend("peft", "cpu", bf16=False, fp16=False, optim="adamw_torch")
+    backend.trainer_class = dotrain.shard_trainer_class(backend)
+    model, _ = dotrain.load_for_training(settings, backend, str(tiny_model))
+    trainer = dotrain.make_trainer(settings, backend, model, tokenizer, dataset,
+                                   SimpleNamespace(trainer=str(tmp_path)), max_steps=1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+    assert len(starts) > 3  # several rows share the packed sequences
+    unpacked = [{"input_ids": batch["input_ids"][0, a:b].tolist(), "labels": batch["labels"][0, a:b].tolist()}
+                for a, b in zip(starts, starts[1:])]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(unpacked)
+    model.eval()
+    with torch.no_grad():
+        packed_loss = trainer.compute_loss(model, batch).item()
+        padded_loss = model(**padded, use_cache=False).loss.item()
+    assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"LORA_R": "abc"}, "LORA_R (or --lora-r) must be a int, not 'abc'"),
+    ({"BATCH_SIZE": "0"}, "BATCH_SIZE (or --batch-size) must be at least 1"),
+    ({}, f"models/{MODEL} is not complete: run import-model.py first"),
+])
+def test_bad_settings_and_missing_inputs_fail_in_one_line(local_bucket, setting, message):
+    result = run_step("dotrain.py", {**local_bucket, "MODEL_NAME": MODEL, "DATASET_NAME": DATASET,
+                                     **setting}, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    assert message in result.stderr
