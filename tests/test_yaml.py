@@ -306,7 +306,7 @@ def fake_steps(tmp_path):
     venv = tmp_path / "venv"
     write_script(venv / "bin" / "python", f"""echo "start $1" >> {log}
 echo "$1 on node $SKYPILOT_NODE_RANK of $SKYPILOT_NUM_NODES" >> {log}.nodes
-if [ "$1" = import-dataset.py ]; then sleep 0.5; fi
+case "$1" in import-*) sleep 1;; esac
 if [ "$1" = "$FAIL" ]; then echo "end $1 failed" >> {log}; exit 3; fi
 echo "end $1" >> {log}
 """)
@@ -331,7 +331,8 @@ def test_run_names_only_scripts_that_exist():
 def test_run_imports_at_the_same_time_then_pretokenizes_then_trains(fake_steps):
     result, lines = fake_steps()
     assert result.returncode == 0, result.stderr
-    assert set(lines[:2]) == {"start import-dataset.py", "start import-model.py"}
+    for one, other in [("import-dataset.py", "import-model.py"), ("import-model.py", "import-dataset.py")]:
+        assert lines.index(f"start {one}") < lines.index(f"end {other}")  # at the same time
     assert lines[-4:] == ["start pretokenize.py", "end pretokenize.py",
                           "start dotrain.py", "end dotrain.py"]
 
