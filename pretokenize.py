@@ -167,9 +167,9 @@ def pretokenize_shard(bucket, prefix, dataset_name, index, labeller, inputs):
     source = f"{standardized_prefix(dataset_name)}/{shard_name(index)}"
     with parquet_writer(bucket, f"{prefix}/{stats['path']}", schema) as writer, \
             bucket.writer(f"{prefix}/{stats['dropped_list']}") as dropped_list:
-        for batch in read_parquet_batches(bucket, source, BATCH_ROWS):
-            rows = labeller(batch.column("conversations").to_pylist(),
-                            batch.column("source_row").to_numpy())
+        batches = ((batch.column("conversations").to_pylist(), batch.column("source_row").to_numpy())
+                   for batch in read_parquet_batches(bucket, source, BATCH_ROWS))
+        for rows in labeller.pipeline(batches):
             writer.write_table(pa.table(rows.columns, schema=schema))
             for source_row, reason in rows.dropped:
                 dropped_list.write(json.dumps({"source_row": int(source_row),
@@ -261,19 +261,42 @@ class Labeller:
                                                   add_generation_prompt=add_generation_prompt)
 
     def __call__(self, conversations, source_rows):
+        """The Rows of one batch."""
+        (rows,) = self.pipeline([(conversations, source_rows)])
+        return rows
+
+    def pipeline(self, batches):
+        """The Rows of each (conversations, source_rows) batch, in order.
+
+        The tokenizer releases the GIL: a batch is tokenized while the next one is read and
+        rendered, and the previous one labelled and written."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as tokenizer_thread:
+            pending = None
+            for conversations, source_rows in batches:
+                texts, reasons = self.render_all(conversations)
+                marked = self.render_all([[mark(message) for message in conversation]
+                                          for conversation in conversations])[0]
+                spans = [None if text is None else
+                         self.spans_by_marks(text, marked_text, conversation)
+                         or self.spans_by_prefixes(text, conversation)
+                         for text, marked_text, conversation in zip(texts, marked, conversations)]
+                located = [i for i, s in enumerate(spans) if s]
+                encodings = tokenizer_thread.submit(self.backend.encode_batch,
+                                                    [texts[i] for i in located],
+                                                    add_special_tokens=False)
+                if pending is not None:
+                    yield self.label(*pending)
+                pending = (source_rows, spans, reasons, located, encodings)
+            if pending is not None:
+                yield self.label(*pending)
+
+    def label(self, source_rows, spans, reasons, located, encodings):
         import numpy as np
 
         rows = Rows()
-        texts, reasons = self.render_all(conversations)
-        marked = self.render_all([[mark(message) for message in conversation]
-                                  for conversation in conversations])[0]
-        spans = [None if text is None else
-                 self.spans_by_marks(text, marked_text, conversation)
-                 or self.spans_by_prefixes(text, conversation)
-                 for text, marked_text, conversation in zip(texts, marked, conversations)]
-        todo = [i for i, s in enumerate(spans) if s]
-        encodings = dict(zip(todo, self.backend.encode_batch([texts[i] for i in todo],
-                                                             add_special_tokens=False)))
+        encodings = dict(zip(located, encodings.result()))
         for i, source_row in enumerate(source_rows):
             if i not in encodings:
                 rows.dropped.append((source_row, reasons[i] or "answers not found in the "
