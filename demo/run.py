@@ -16,6 +16,7 @@ environment differs from a cloud node's:
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,8 +70,10 @@ def main():
         print("\n== outputs (in the local server's bucket)")
         for line in describe_outputs(endpoint, BUCKET):
             print(line)
-        print(f"\n== stopping the local S3 server at {endpoint}: the bucket goes with it "
-              "(the steps' local copies stay in .demo/)")
+        fused = copy_fused(endpoint, BUCKET, DEMO_DIR / "fused")
+        print(f"\n== the fused model, copied to {fused.relative_to(ROOT)}/, stays after the bucket:"
+              f"\n  AutoModelForCausalLM.from_pretrained('{fused.relative_to(ROOT)}')")
+        print(f"\n== stopping the local S3 server at {endpoint}: its bucket goes with it")
     print(f"demo finished in {time.time() - started:.0f} s")
 
 
@@ -150,6 +153,18 @@ def describe_outputs(endpoint, bucket):
             state += f", {manifest['rows']} rows" if manifest.get("rows") else ""
         yield f"  {what:<30} s3://{bucket}/{prefix}/  ({state})"
     yield f"  {'serve it with':<30} service.yaml (it pulls {OUTPUTS[-1][1]}/fused)"
+
+
+def copy_fused(endpoint, bucket, out):
+    shutil.rmtree(out, ignore_errors=True)  # an earlier demo's
+    client = s3_client(endpoint)
+    prefix = f"{OUTPUTS[-1][1]}/fused/"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            path = out / item["Key"][len(prefix):]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, item["Key"], str(path))
+    return out
 
 
 if __name__ == "__main__":

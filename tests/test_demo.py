@@ -30,6 +30,8 @@ def test_the_run_block_trains_and_a_rerun_writes_nothing(s3, proxy, tmp_path):
                      demo.describe_outputs(s3["AWS_ENDPOINT_URL_S3"], s3["BUCKET_NAME"])))
     for what, line in lines.items():
         assert ", complete" in line, line
+    fused = demo.copy_fused(s3["AWS_ENDPOINT_URL_S3"], s3["BUCKET_NAME"], tmp_path / "fused")
+    assert (fused / "config.json").read_bytes() == objects[f"{DONE}/fused/config.json"]
 
     second = demo.run_task({**env, "AWS_ENDPOINT_URL_S3": proxy.url}, capture_output=True,
                            text=True, timeout=900)
