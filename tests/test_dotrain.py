@@ -1,8 +1,8 @@
 """dotrain.py on a tiny Qwen2 model with random weights and three small model-ready shards."""
 
-import hashlib
 import json
 import math
+import shutil
 import sys
 import threading
 import time
@@ -19,7 +19,9 @@ MODEL, DATASET = "tiny/qwen2", "synthetic/colors"
 SHARD_ROWS = (60, 60, 60)
 MAX_SEQ_LENGTH = 128
 # A learning rate far above the default: the base model is random and the test has ~25 steps.
+# One thread: on a small shared machine torch's thread pool spins and a tiny step takes 20x longer.
 TRAINING = {"MODEL_NAME": MODEL, "DATASET_NAME": DATASET, "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH),
+            "OMP_NUM_THREADS": "1",
             "BATCH_SIZE": "2", "GRAD_ACCUM": "2", "WARMUP_STEPS": "2", "LEARNING_RATE": "1e-2",
             "LORA_R": "8", "SAVE_STEPS": "2", "SAMPLE_PROMPT": "The car is red. What color is the car?"}
 
@@ -37,16 +39,42 @@ def tiny_model(tmp_path_factory):
     return Path(make_model(out / "model", out / "tokenizer"))
 
 
-def put_object(env, key, data):
-    url = env["BUCKET_NAME"]
-    if url.startswith("file://"):
-        path = Path(url[len("file://"):]) / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    else:
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
-                     aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET,
-                     ).put_object(Bucket=TEST_BUCKET, Key=key, Body=data)
+@pytest.fixture(scope="module")
+def inputs(tiny_model, tmp_path_factory):
+    """A local bucket holding what steps 1 to 3 make of the synthetic colour conversations
+    (three shards) and the tiny model: the directory, and the model-ready manifest."""
+    from synthetic import conversations
+
+    work = tmp_path_factory.mktemp("inputs")
+    rows = conversations(sum(SHARD_ROWS), seed=10)
+    (work / "chat.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    env = {"BUCKET_NAME": f"file://{work / 'bucket'}", "MODEL_NAME": MODEL, "DATASET_NAME": DATASET,
+           "MODEL_CACHE_DIR": str(work / "cache")}
+    steps = [start_step("import-dataset.py", {**env, "SHARD_SIZE": str(SHARD_ROWS[0]),
+                                              "DATASET_SOURCE": str(work / "chat.jsonl")}),
+             start_step("import-model.py", {**env, "MODEL_SOURCE": str(tiny_model)})]
+    for step in steps:
+        output = step.communicate(timeout=300)[0]
+        assert step.returncode == 0, output
+    run_step("pretokenize.py", {**env, "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH), "NUM_PROC": "1"})
+    manifest = json.loads((work / "bucket" / "model-ready" / MODEL / DATASET / "_manifest.json").read_text())
+    assert [shard["rows"] for shard in manifest["shards"]] == list(SHARD_ROWS)
+    assert manifest["truncated"] == 0  # so every token of every shard is trained
+    return work / "bucket", manifest
+
+
+def copy_inputs(inputs, env):
+    """The inputs into the test's bucket: the local directory itself, or the S3 test bucket."""
+    root, manifest = inputs
+    if env["BUCKET_NAME"].startswith("file://"):
+        shutil.copytree(root, env["BUCKET_NAME"][len("file://"):])
+        return manifest["shards"]
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.startswith("."):
+            client.upload_file(str(path), TEST_BUCKET, str(path.relative_to(root)))
+    return manifest["shards"]
 
 
 def get_object(env, key):
@@ -60,62 +88,6 @@ def get_object(env, key):
         return client.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read()
     except client.exceptions.NoSuchKey:
         return None
-
-
-def put_model(env, model_dir):
-    """models/<MODEL>/ as import-model.py leaves it: the files and a manifest with their hashes."""
-    files = []
-    for path in sorted(model_dir.iterdir()):
-        data = path.read_bytes()
-        put_object(env, f"models/{MODEL}/{path.name}", data)
-        files.append({"path": path.name, "size": len(data), "rows": 0,
-                      "sha256": hashlib.sha256(data).hexdigest()})
-    put_object(env, f"models/{MODEL}/_manifest.json", json.dumps(
-        {"complete": True, "inputs": {"step": "models/1", "source": str(model_dir)},
-         "shards": files, "rows": 0}).encode())
-
-
-def encode(tokenizer, conversation):
-    """ChatML token ids, with labels on each answer and the <|im_end|> that closes it."""
-    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    newline = tokenizer.encode("\n")
-    ids, labels = [], []
-    for turn in conversation:
-        role = {"system": "system", "human": "user", "gpt": "assistant"}[turn["from"]]
-        head, body = [start, *tokenizer.encode(role + "\n")], tokenizer.encode(turn["value"]) + [end]
-        ids += head + body + newline
-        labels += [-100] * len(head) + (body if role == "assistant" else [-100] * len(body))
-        labels += [-100] * len(newline)
-    return ids, labels
-
-
-def put_model_ready(env, model_dir):
-    """model-ready/<MODEL>/<DATASET>/: shards of the synthetic pattern and their manifest."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from synthetic import conversations
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    shards, first_row = [], 0
-    for index, rows in enumerate(SHARD_ROWS):
-        encoded = [encode(tokenizer, row["conversations"]) for row in conversations(rows, seed=10 + index)]
-        assert max(len(ids) for ids, _ in encoded) <= MAX_SEQ_LENGTH  # nothing is cut
-        table = pa.table({
-            "input_ids": pa.array([ids for ids, _ in encoded], pa.list_(pa.int32())),
-            "labels": pa.array([labels for _, labels in encoded], pa.list_(pa.int32())),
-            "source_row": pa.array(range(first_row, first_row + rows), pa.int64())})
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        name = f"shard-{index:05d}.parquet"
-        put_object(env, f"model-ready/{MODEL}/{DATASET}/{name}", sink.getvalue().to_pybytes())
-        shards.append({"path": name, "rows": rows, "tokens": sum(len(ids) for ids, _ in encoded),
-                       "trained_tokens": sum(sum(x != -100 for x in labels) for _, labels in encoded)})
-        first_row += rows
-    put_object(env, f"model-ready/{MODEL}/{DATASET}/_manifest.json", json.dumps(
-        {"complete": True, "inputs": {"step": "model-ready/1", "chat_template": "model"},
-         "shards": shards, "rows": first_row}).encode())
-    return shards
 
 
 # ---------------------------------------------------------------- helpers
@@ -144,6 +116,18 @@ def kill_when(env, work_dir, condition, timeout=300):
     return json.loads(get_object(env, f"checkpoints/{MODEL}/{DATASET}/latest.json")), most_shards
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory):
+    """The metrics and adapter of a run that nothing interrupts, on a local bucket."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    env = {"BUCKET_NAME": f"file://{work / 'bucket'}", **TRAINING, "WORK_DIR": str(work / "work"),
+           "MODEL_CACHE_DIR": str(work / "cache")}
+    copy_inputs(inputs, env)
+    run_step("dotrain.py", env)
+    done = work / "bucket" / "done" / MODEL / DATASET
+    return json.loads((done / "metrics.json").read_text()), done / "lora_model"
+
+
 def download_prefix(env, prefix, out):
     for key, data in bucket_objects(env).items():
         if key.startswith(prefix + "/"):
@@ -163,34 +147,43 @@ def logits(model, ids):
 # ---------------------------------------------------------------- tests
 
 
-def test_killed_run_resumes_to_the_same_end_and_outputs_load(s3, proxy, tiny_model, tmp_path):
+def test_killed_run_resumes_to_the_same_end_and_outputs_load(s3, proxy, inputs, uninterrupted,
+                                                             tiny_model, tmp_path):
     import torch
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    put_model(s3, tiny_model)
-    shards = put_model_ready(s3, tiny_model)
+    shards = copy_inputs(inputs, s3)
     env = {**s3, **TRAINING, "WORK_DIR": str(tmp_path / "work"),
            "MODEL_CACHE_DIR": str(tmp_path / "cache")}
 
-    # Killed in the middle of the second shard, just after a checkpoint was pointed at.
-    def mid_second_shard(pointer):
-        return pointer["shard"] == 1 and pointer["steps_into_shard"] > 0
-
-    killed_at, most_shards = kill_when(env, tmp_path / "work", mid_second_shard)
+    # Killed inside a shard after the first, just after a checkpoint was pointed at.
+    killed_at, most_shards = kill_when(
+        env, tmp_path / "work", lambda pointer: pointer["shard"] >= 1 and pointer["steps_into_shard"] > 0)
     plan = json.loads(get_object(env, f"checkpoints/{MODEL}/{DATASET}/_manifest.json"))
     steps = [shard["steps"] for shard in plan["shards"]]
-    assert steps[0] < killed_at["step"] < steps[0] + steps[1]
+    killed_shard = killed_at["shard"]
+    assert sum(steps[:killed_shard]) < killed_at["step"] < sum(steps[:killed_shard + 1])
     assert most_shards <= 2  # the shard being trained and the next one
     assert get_object(env, f"done/{MODEL}/{DATASET}/_manifest.json") is None
 
     result = run_step("dotrain.py", env)
-    assert f"resuming at step {killed_at['step']}: shard 1" in result.stdout
-    assert "shard 0 (" not in result.stdout  # never trained again
+    assert f"resuming at step {killed_at['step']}: shard {killed_shard}" in result.stdout
+    assert not any(f"shard {index} (" in result.stdout for index in range(killed_shard))
+
+    # The same steps, losses and adapter as a run that was never interrupted.
+    reference, reference_lora = uninterrupted
+    metrics = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/metrics.json"))
+    assert [e["loss"] for e in metrics["steps"]] == pytest.approx([e["loss"] for e in reference["steps"]],
+                                                                 abs=1e-4)
+    adapter = load_file(download_prefix(s3, f"done/{MODEL}/{DATASET}/lora_model", tmp_path / "lora")
+                        / "adapter_model.safetensors")
+    for name, weight in load_file(reference_lora / "adapter_model.safetensors").items():
+        torch.testing.assert_close(adapter[name], weight, atol=1e-5, rtol=1e-4)
 
     # Every step once, each on the shard the plan gives it; every shard's tokens seen once.
     done = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/_manifest.json"))
-    metrics = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/metrics.json"))
     total = sum(steps)
     assert done["complete"] and done["total_steps"] == total == plan["total_steps"]
     assert [entry["step"] for entry in metrics["steps"]] == list(range(1, total + 1))
@@ -213,7 +206,7 @@ def test_killed_run_resumes_to_the_same_end_and_outputs_load(s3, proxy, tiny_mod
     assert not (tmp_path / "work" / MODEL / DATASET).exists()
 
     # Both outputs load; fused equals base + adapter within the stated tolerance.
-    lora = download_prefix(s3, f"done/{MODEL}/{DATASET}/lora_model", tmp_path / "lora")
+    lora = tmp_path / "lora"
     fused_dir = download_prefix(s3, f"done/{MODEL}/{DATASET}/fused", tmp_path / "fused")
     ids = AutoTokenizer.from_pretrained(lora)("<|im_start|>user\nThe bird is blue. What color is "
                                               "the bird?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
@@ -246,11 +239,10 @@ def test_killed_run_resumes_to_the_same_end_and_outputs_load(s3, proxy, tiny_mod
     assert proxy.writes() == []
 
 
-def test_unpacked_capped_run_on_a_local_bucket(local_bucket, tiny_model, tmp_path):
+def test_unpacked_capped_run_on_a_local_bucket(local_bucket, inputs, tmp_path):
     import torch
 
-    put_model(local_bucket, tiny_model)
-    put_model_ready(local_bucket, tiny_model)
+    copy_inputs(inputs, local_bucket)
     env = {**local_bucket, **TRAINING, "PACKING": "0", "MAX_STEPS": "3",
            "WORK_DIR": str(tmp_path / "work"), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
     if not torch.cuda.is_available():
@@ -267,7 +259,7 @@ def test_unpacked_capped_run_on_a_local_bucket(local_bucket, tiny_model, tmp_pat
         assert get_object(env, f"done/{MODEL}/{DATASET}/{name}") is not None
 
 
-def test_packed_loss_equals_unpacked_loss(tiny_model, tmp_path):
+def test_packed_loss_equals_unpacked_loss(inputs, tiny_model, tmp_path):
     """Padding-free packing must not let sequences attend to each other (SDPA, no flash
     attention): the trainer's loss on a packed batch equals the loss of its rows padded."""
     import datasets
@@ -276,12 +268,11 @@ def test_packed_loss_equals_unpacked_loss(tiny_model, tmp_path):
     from transformers import AutoTokenizer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from synthetic import conversations
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    rows = [encode(tokenizer, row["conversations"]) for row in conversations(16, seed=3)]
-    dataset = datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in rows],
-                                          "labels": [labels for _, labels in rows]})
+    root, manifest = inputs
+    dataset = datasets.Dataset.from_parquet(
+        str(root / "model-ready" / MODEL / DATASET / manifest["shards"][0]["path"]),
+        cache_dir=str(tmp_path / "cache")).select_columns(["input_ids", "labels"]).select(range(16))
     settings = SimpleNamespace(seed=0, batch_size=2, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
                                weight_decay=0.0, max_seq_length=256, packing=True, save_steps=10,
                                logging_steps=1, lora_r=8, lora_alpha=16, lora_dropout=0.0)
