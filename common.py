@@ -477,7 +477,8 @@ def read_parquet_batches(bucket, key, batch_size):
     import pyarrow.parquet as pq
 
     with bucket.fs.open(bucket.path(key), "rb", block_size=8 * 2**20) as f:
-        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size)
+        # pre_buffer would keep every row group read so far until the file is closed.
+        yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size)
 
 
 def sha256_file(path, chunk=8 * 2**20):

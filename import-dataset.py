@@ -13,6 +13,8 @@ import inspect
 import json
 import os
 
+os.environ.setdefault("USE_TORCH", "0")  # datasets would import torch (250 MB) for nothing here
+
 from common import (Setting, UserError, fingerprint, log, open_bucket, parquet_writer,
                     parse_settings, raw_prefix, read_manifest, read_parquet_batches,
                     resume_or_start, run, shard_name, standardized_prefix, write_manifest)
