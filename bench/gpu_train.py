@@ -1,0 +1,199 @@
+"""Benchmark: training tokens/s and peak GPU memory of dotrain.py's trainer, unsloth vs peft,
+packed vs padded, on the true Qwen2.5-0.5B shape with random weights.
+
+    .venv/bin/python bench/gpu_train.py [--steps N] [--warmup N] [--rows N]
+
+Builds a Qwen2 model from FIXTURES_DIR/tokenizers/qwen2.5-0.5b/config.json (hidden 896, 24
+layers, vocabulary 151936) with random bf16 weights, saved with the real tokenizer as a
+published model is. The data are FineTome-like token lengths (lognormal, median 600 tokens,
+mean about 830, cut at MAX_SEQ_LENGTH) of random token ids, the last ~65% of each row trained.
+Each configuration runs in its own process (unsloth patches transformers when imported) through
+dotrain.py's own load_for_training and make_trainer with the step's defaults (LoRA r 16 on the
+seven projections, batch 2, accumulation 4, MAX_SEQ_LENGTH 4096, adamw_8bit when bitsandbytes
+is there). Tokens/s counts real (non-padding) tokens over the steps after the warmup.
+Results go to bench/results/gpu_train.json. Needs a CUDA GPU; without one it says so and stops.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES_DIR = Path(os.environ.get("FIXTURES_DIR", ROOT.parent / "shared" / "fixtures"))
+SHAPE = FIXTURES_DIR / "tokenizers" / "qwen2.5-0.5b"
+RESULTS = ROOT / "bench" / "results" / "gpu_train.json"
+CONFIGS = [("unsloth", True), ("unsloth", False), ("peft", True), ("peft", False)]
+MAX_SEQ_LENGTH = 4096
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo",
+            "bitsandbytes", "datasets")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps measured (default 12)")
+    parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring (default 3)")
+    parser.add_argument("--rows", type=int, default=1500, help="synthetic rows (default 1500; "
+                        "enough for the steps when padded)")
+    parser.add_argument("--timeout", type=int, default=100, help="seconds per configuration (default 100)")
+    parser.add_argument("--output", default=str(RESULTS), help="where the results go")
+    parser.add_argument("--one", nargs=3, metavar=("BACKEND", "PACKING", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        backend, packing, work = args.one
+        print(json.dumps(measure(backend, packing == "1", Path(work), args.steps, args.warmup)))
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("error: bench/gpu_train.py needs a CUDA GPU and this machine has none: run it on "
+                 "the GPU node (e.g. .venv/bin/python bench/gpu_train.py there)")
+    if not (SHAPE / "config.json").exists():
+        sys.exit(f"error: {SHAPE}/config.json is absent: set FIXTURES_DIR to the shared fixtures")
+    has_unsloth = _installed("unsloth")
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="gpu-train-") as work:
+        work = Path(work)
+        make_model(work / "model")
+        rows = make_rows(work / "rows.parquet", args.rows)
+        runs = {}
+        for backend, packing in CONFIGS:
+            name = f"{backend}_{'packed' if packing else 'padded'}"
+            if backend == "unsloth" and not has_unsloth:
+                runs[name] = {"skipped": "unsloth is not installed"}
+                continue
+            runs[name] = run_one(backend, packing, work, args)
+            print(f"{name}: {json.dumps(runs[name])}", flush=True)
+    result = {
+        "benchmark": "gpu_train", "command": " ".join(["bench/gpu_train.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"gpu": torch.cuda.get_device_name(0), "platform": platform.platform(),
+                    "python": platform.python_version()},
+        "versions": {name: _version(name) for name in PACKAGES},
+        "model": "Qwen2.5-0.5B shape (fixtures config.json), random bf16 weights",
+        "data": rows, "settings": {"lora_r": 16, "batch_size": 2, "grad_accum": 4,
+                                   "max_seq_length": MAX_SEQ_LENGTH, "steps": args.steps,
+                                   "warmup_steps_excluded": args.warmup},
+        "runs": runs, "seconds": round(time.time() - started, 1),
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"results in {output}")
+
+
+def _installed(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def make_model(out):
+    """The 0.5B architecture with random weights and the real tokenizer, saved as published."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(SHAPE)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(SHAPE / name, out / name)
+    del model
+    torch.cuda.empty_cache()
+
+
+def make_rows(path, count):
+    """FineTome-like rows: lognormal lengths, random ids, the answer (last ~65%) trained."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(600), 0.8, count), 32, MAX_SEQ_LENGTH).astype(int)
+    ids, labels = [], []
+    for length in lengths:
+        row = rng.integers(0, 151_000, length).tolist()
+        prompt = int(length * 0.35)
+        ids.append(row)
+        labels.append([-100] * prompt + row[prompt:])
+    pq.write_table(pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())),
+                             "labels": pa.array(labels, pa.list_(pa.int32()))}), path)
+    return {"rows": count, "tokens": int(lengths.sum()), "mean_length": round(float(lengths.mean()), 1),
+            "max_length": int(lengths.max()), "length_distribution": "lognormal(log 600, 0.8), "
+            f"cut to 32..{MAX_SEQ_LENGTH}"}
+
+
+def run_one(backend, packing, work, args):
+    command = [sys.executable, __file__, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--one", backend, "1" if packing else "0", str(work)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {args.timeout} s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(backend_name, packing, work, steps, warmup):
+    """One configuration, in this process: tokens/s over `steps` steps after `warmup`."""
+    sys.path.insert(0, str(ROOT))
+    import dotrain  # noqa: E402 - after sys.path
+
+    settings = SimpleNamespace(
+        train_backend=backend_name, seed=3407, lora_r=16, lora_alpha=16, lora_dropout=0.0,
+        learning_rate=2e-4, batch_size=2, grad_accum=4, warmup_steps=5, weight_decay=0.01,
+        max_seq_length=MAX_SEQ_LENGTH, packing=packing, save_steps=10**9, logging_steps=10**9)
+    backend = dotrain.choose_backend(settings)  # imports unsloth first when asked for
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+
+    model, tokenizer = dotrain.load_for_training(settings, backend, str(work / "model"))
+    dataset = datasets.Dataset.from_parquet(str(work / "rows.parquet"),
+                                            cache_dir=str(work / f"cache-{backend_name}-{packing}"))
+    clock = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (warmup, warmup + steps):
+                torch.cuda.synchronize()
+                clock[state.global_step] = (time.perf_counter(), state.num_input_tokens_seen)
+
+    out = SimpleNamespace(trainer=str(work / f"trainer-{backend_name}-{packing}"))
+    trainer = dotrain.make_trainer(settings, backend, model, tokenizer, dataset, out,
+                                   max_steps=warmup + steps, callbacks=[Clock()])
+    trainer.shard, trainer.seconds = 0, time.perf_counter
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    (start, tokens_before), (end, tokens_after) = clock[warmup], clock[warmup + steps]
+    return {"backend": backend.name, "packing": packing, "optim": backend.optim,
+            "precision": "bf16" if backend.bf16 else "fp16" if backend.fp16 else "fp32",
+            "tokens_per_second": round((tokens_after - tokens_before) / (end - start)),
+            "seconds_per_step": round((end - start) / steps, 3),
+            "tokens_per_step": round((tokens_after - tokens_before) / steps),
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+
+if __name__ == "__main__":
+    main()
