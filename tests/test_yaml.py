@@ -25,15 +25,15 @@ SKY_PYTHON = Path(os.environ.get("SKYPILOT_PYTHON", ROOT / ".venv" / "sky" / "bi
 STEPS = ["import-dataset.py", "import-model.py", "pretokenize.py", "dotrain.py"]
 UNSLOTH = "unsloth==2026.10.9"
 
-# Runs in SkyPilot's venv: parses each case as `sky launch CASE --env-file E --secret-file S`
-# would (an --env-file's values are also secrets there, below the --secret-file's).
+# Runs in SkyPilot's venv: parses each case as `sky launch CASE --env-file E --secret-file S
+# --env NAME=VALUE...` would (--env-file's values are also secrets there, below the others).
 PARSE = r"""
 import json, sys
 import dotenv
 from sky.utils import dag_utils
 
-def parse(path, env_file, secret_file):
-    envs = dotenv.dotenv_values(env_file) if env_file else {}
+def parse(path, env_file, secret_file, cli_envs):
+    envs = {**(dotenv.dotenv_values(env_file) if env_file else {}), **cli_envs}
     secrets = {**envs, **(dotenv.dotenv_values(secret_file) if secret_file else {})}
     try:
         task = dag_utils.load_chain_dag_from_yaml(path, list(envs.items()),
@@ -89,15 +89,17 @@ def parsed(tmp_path_factory):
 
     env, secrets = str(ROOT / ".env.example"), str(ROOT / ".secrets.example")
     allatonce, service = str(ROOT / "allatonce.yaml"), str(ROOT / "service.yaml")
+    bucket = {"BUCKET_NAME": "my-bucket"}
     cases = {
-        "allatonce": [allatonce, env, secrets],
-        "service": [service, env, secrets],
-        "no-files": [allatonce, None, None],
-        "spot": [variant("spot.yaml", lambda c: c["resources"].update(use_spot=True)), env, secrets],
+        "allatonce": [allatonce, env, secrets, bucket],
+        "service": [service, env, secrets, bucket],
+        "no-bucket": [allatonce, env, secrets, {}],
+        "spot": [variant("spot.yaml", lambda c: c["resources"].update(use_spot=True)), env,
+                 secrets, bucket],
         "unknown-key": [variant("unknown.yaml", lambda c: c["resources"].update(acelerators="L4:1")),
-                        env, secrets],
+                        env, secrets, bucket],
         "wrong-type": [variant("type.yaml", lambda c: c["resources"].update(disk_size="a lot")),
-                       env, secrets],
+                       env, secrets, bucket],
     }
     result = subprocess.run([str(SKY_PYTHON), "-c", PARSE, json.dumps(cases)], cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
@@ -128,7 +130,7 @@ def test_the_parser_rejects_an_unknown_key_and_a_wrong_type(parsed):
 
 
 def test_launching_without_a_bucket_name_is_refused(parsed):
-    assert "BUCKET_NAME" in parsed["no-files"]["error"]
+    assert "BUCKET_NAME" in parsed["no-bucket"]["error"]  # .env.example as it is
 
 
 def test_spot_and_recovery(parsed):
