@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,7 @@ CODE_VERSION = "dotrain/1"  # bump when a change alters what training produces
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 POINTER = "latest.json"
 HELD_BACK_ROWS, HELD_BACK_TOKENS = 3, 64  # rows of the last shard whose logits are compared
+EXPORTED_FILES = ["adapter_model.safetensors", "adapter_config.json", "trainer_state.json"]
 # Fused weights are the base + adapter product rounded to 16 bits: logits may move by a
 # small fraction of their range, never by more.
 LOGITS_TOLERANCE = 0.01  # max |fused - (base + adapter)| / max |base + adapter|, in float32
@@ -93,15 +95,21 @@ def main():
         return
     plan = resume_or_start(bucket, checkpoints_prefix(settings.model_name, settings.dataset_name),
                            inputs, settings.force)
-    backend = choose_backend(settings)
     work = Work(settings)
     model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
-    model, tokenizer = load_for_training(settings, backend, model_dir)
-    plan = make_plan(settings, bucket, backend, model, tokenizer, data, plan, work)
-    checkpoint = train(settings, bucket, backend, model, tokenizer, plan, work)
-    del model
-    release_memory()
-    export(settings, bucket, model_dir, checkpoint, plan, data, inputs, backend, work)
+    if not plan["complete"]:
+        backend = choose_backend(settings)
+        if plan.get("optim", backend.optim) != backend.optim:
+            raise UserError(f"the checkpoints of {bucket.url(checkpoints_prefix(settings.model_name, settings.dataset_name))} "
+                            f"hold {plan['optim']} optimizer state and this machine trains with "
+                            f"{backend.optim}: resume on the same kind of machine, or rerun with "
+                            "FORCE=1 to start over")
+        train(settings, bucket, backend, model_dir, data, plan, work)
+        if backend.name == "unsloth":
+            log("exporting in a fresh process: unsloth has patched transformers in this one")
+            sys.stdout.flush()
+            os.execv(sys.executable, [sys.executable, *sys.argv])
+    export(settings, bucket, model_dir, plan, data, inputs, work)
 
 
 def run_inputs(settings, model_manifest, data):
@@ -304,12 +312,6 @@ def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work):
     """The optimizer steps of every shard, counted once on the trainer's own preparation of
     each shard (packing, truncation, dropped rows) and saved before training starts."""
     prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
-    if plan.get("total_steps") is not None:
-        if plan["optim"] != backend.optim:
-            raise UserError(f"the checkpoints in {bucket.url(prefix)} carry {plan['optim']} optimizer "
-                            f"state and this machine trains with {backend.optim}: resume on the same "
-                            "kind of machine, or rerun with FORCE=1 to start over")
-        return plan
     data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     for index, path in local_shards(bucket, data_prefix, data["shards"], 0, work.shards):
         entry = data["shards"][index]
@@ -334,7 +336,6 @@ def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work):
     log(f"plan: {plan['total_steps']} optimizer steps over {len(plan['shards'])} shards "
         f"({', '.join(str(shard['steps']) for shard in plan['shards'])})"
         + (f", capped by MAX_STEPS from {all_steps}" if plan["total_steps"] < all_steps else ""))
-    return plan
 
 
 def count_tokens(dataset):
@@ -364,25 +365,28 @@ def position(plan, step):
 # ---------------------------------------------------------------- training
 
 
-def train(settings, bucket, backend, model, tokenizer, plan, work):
-    """Train from the latest checkpoint to the plan's last step; the path of the last checkpoint."""
+def train(settings, bucket, backend, model_dir, data, plan, work):
+    """Plan the steps (once), then train from the latest checkpoint to the plan's last step."""
     prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
-    pointer = json.loads(bucket.get(f"{prefix}/{POINTER}") or "null")
+    model, tokenizer = load_for_training(settings, backend, model_dir)
+    if plan.get("total_steps") is None:
+        make_plan(settings, bucket, backend, model, tokenizer, data, plan, work)
+    pointer = read_pointer(bucket, prefix)
     step, total = pointer["step"] if pointer else 0, plan["total_steps"]
-    checkpoint = fetch_checkpoint(bucket, prefix, pointer, work) if pointer else None
     if step < total:
         first, into = position(plan, step)
         log(f"resuming at step {step}: shard {first}, after {into} of its "
             f"{plan['shards'][first]['steps']} steps" if pointer else
             f"training {total} steps over {len(plan['shards'])} shards")
+        checkpoint = fetch_checkpoint(bucket, prefix, pointer, work.trainer) if pointer else None
         began, seconds_before = time.time(), pointer["seconds"] if pointer else 0.0
-        checkpoint = train_shards(settings, bucket, backend, model, tokenizer, plan, work, step,
-                                  checkpoint, lambda: seconds_before + time.time() - began)
-    if not plan["complete"]:
-        plan["complete"] = True
-        write_manifest(bucket, prefix, plan)
-        log(f"training complete: {total} steps")
-    return checkpoint
+        train_shards(settings, bucket, backend, model, tokenizer, plan, work, step, checkpoint,
+                     lambda: seconds_before + time.time() - began)
+    plan["complete"] = True
+    write_manifest(bucket, prefix, plan)
+    log(f"training complete: {total} steps")
+    del model
+    release_memory()
 
 
 def train_shards(settings, bucket, backend, model, tokenizer, plan, work, step, checkpoint, seconds):
@@ -396,7 +400,7 @@ def train_shards(settings, bucket, backend, model, tokenizer, plan, work, step, 
         end = min(starts[index] + plan["shards"][index]["steps"], total)
         if end == step:  # a shard with nothing left to train on
             continue
-        upload = checkpoint_callback(bucket, prefix, plan, end, seconds)
+        upload = checkpoint_callback(bucket, prefix, backend, plan, end, seconds)
         trainer = make_trainer(settings, backend, model, tokenizer,
                                load_shard(path, plan["shards"][index]), work, total, [upload])
         # The trainer's own order is sequential: this fixed shuffle of the prepared shard is what
@@ -415,12 +419,17 @@ def train_shards(settings, bucket, backend, model, tokenizer, plan, work, step, 
         release_memory()
         if step >= total:
             break
-    return checkpoint
 
 
-def fetch_checkpoint(bucket, prefix, pointer, work):
-    local = os.path.join(work.trainer, pointer["checkpoint"])
-    for name in pointer["files"]:
+def read_pointer(bucket, prefix):
+    """latest.json: the checkpoint to resume from and where training continues after it."""
+    return json.loads(bucket.get(f"{prefix}/{POINTER}") or "null")
+
+
+def fetch_checkpoint(bucket, prefix, pointer, directory, files=None):
+    """The pointed checkpoint's files (or some of them) in directory/checkpoint-<step>/."""
+    local = os.path.join(directory, pointer["checkpoint"])
+    for name in files or pointer["files"]:
         os.makedirs(os.path.dirname(os.path.join(local, name)), exist_ok=True)
         bucket.download(f"{prefix}/{pointer['checkpoint']}/{name}", os.path.join(local, name))
     return local
@@ -432,7 +441,7 @@ def upload(bucket, local_path, key):
     bucket.upload(local_path, key)
 
 
-def checkpoint_callback(bucket, prefix, plan, shard_end, seconds):
+def checkpoint_callback(bucket, prefix, backend, plan, shard_end, seconds):
     """Stops (and saves) at the shard's last step; uploads every checkpoint the trainer saves,
     then points latest.json at it, then removes the older ones from the bucket."""
     from transformers import TrainerCallback
@@ -453,7 +462,8 @@ def checkpoint_callback(bucket, prefix, plan, shard_end, seconds):
             bucket.put(f"{prefix}/{POINTER}", json.dumps({
                 "step": state.global_step, "checkpoint": name, "files": files, "shard": shard,
                 "steps_into_shard": into, "total_steps": plan["total_steps"],
-                "seconds": round(seconds(), 3)}, indent=1).encode())
+                "seconds": round(seconds(), 3), "backend": backend.name, "device": backend.device},
+                indent=1).encode())
             for old in bucket.fs.ls(bucket.path(prefix), detail=False):
                 if os.path.basename(old).startswith("checkpoint-") and os.path.basename(old) != name:
                     bucket.fs.rm(old, recursive=True)
@@ -465,62 +475,71 @@ def checkpoint_callback(bucket, prefix, plan, shard_end, seconds):
 # ---------------------------------------------------------------- outputs
 
 
-def export(settings, bucket, model_dir, checkpoint, plan, data, inputs, backend, work):
-    """lora_model/ and fused/, checked against each other, metrics, then the done manifest."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def export(settings, bucket, model_dir, plan, data, inputs, work):
+    """lora_model/ and fused/ from the last checkpoint, checked against each other, metrics,
+    then the done manifest. Plain transformers + peft, whichever backend trained."""
     prefix = done_prefix(settings.model_name, settings.dataset_name)
+    pointer = read_pointer(bucket, checkpoints_prefix(settings.model_name, settings.dataset_name))
+    checkpoint = fetch_checkpoint(bucket, checkpoints_prefix(settings.model_name, settings.dataset_name),
+                                  pointer, work.export, EXPORTED_FILES)
     tokenizer = output_tokenizer(model_dir, data)
     lora_dir, fused_dir = os.path.join(work.export, "lora_model"), os.path.join(work.export, "fused")
     save_adapter(checkpoint, lora_dir, settings.model_name, tokenizer)
-    examples = held_back_examples(bucket, settings, plan)
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    adapted = PeftModel.from_pretrained(base, lora_dir)
-    reference = logits(adapted, examples)
-    with adapted.disable_adapter():
-        adapter_effect = (reference - logits(adapted, examples)).abs().max().item()
-    fused = adapted.merge_and_unload().to(base_dtype(model_dir))
-    fused.config.use_cache = True
-    fused.generation_config = stop_at_end_of_turn(fused.generation_config, tokenizer)
-    fused.save_pretrained(fused_dir)
-    tokenizer.save_pretrained(fused_dir)
-    del base, adapted, fused
-    release_memory()
-
-    fused = AutoModelForCausalLM.from_pretrained(fused_dir, dtype=torch.float32)
-    difference = (logits(fused, examples) - reference).abs().max().item() / reference.abs().max().item()
-    check = {"held_back": f"first {len(examples)} rows of {plan['shards'][last_trained(plan)]['path']}, "
-             f"up to {HELD_BACK_TOKENS} tokens", "max_relative_logit_difference": difference,
-             "tolerance": LOGITS_TOLERANCE, "adapter_max_logit_change": adapter_effect}
-    log(f"fused vs base + adapter: max |logit difference| = {difference:.2e} of the logit range "
-        f"(tolerance {LOGITS_TOLERANCE}); the adapter itself moves logits by up to {adapter_effect:.3f}")
-    if not difference <= LOGITS_TOLERANCE:
-        raise UserError(f"the fused model's logits differ from base + adapter by {difference:.3g} of "
-                        f"their range, more than {LOGITS_TOLERANCE}: the merge went wrong; nothing "
-                        "was published")
+    check, fused = fuse(model_dir, lora_dir, fused_dir, tokenizer, held_back_examples(bucket, settings, plan))
+    check["held_back"] = f"first {HELD_BACK_ROWS} rows of {plan['shards'][last_trained(plan)]['path']}"
     sample = generate(fused, tokenizer, settings.sample_prompt)
     log(f"sample (greedy, fused model): {settings.sample_prompt!r} -> {sample!r}")
     del fused
 
-    metrics = run_metrics(checkpoint, plan, backend)
+    metrics = run_metrics(checkpoint, plan, pointer)
     plot_loss(metrics, os.path.join(work.export, "loss.png"))
     for folder in (lora_dir, fused_dir):
         for name in sorted(os.listdir(folder)):
             upload(bucket, os.path.join(folder, name), f"{prefix}/{os.path.basename(folder)}/{name}")
     bucket.put(f"{prefix}/metrics.json", json.dumps(metrics, indent=1).encode())
     upload(bucket, os.path.join(work.export, "loss.png"), f"{prefix}/loss.png")
-    trained = metrics["shards"]
     write_manifest(bucket, prefix, {
-        "complete": True, "inputs": inputs, "rows": sum(shard["rows"] for shard in trained),
-        "shards": trained, "total_steps": plan["total_steps"], "tokens_seen": metrics["tokens_seen"],
-        "backend": backend.name, "check": check,
+        "complete": True, "inputs": inputs, "shards": metrics["shards"],
+        "rows": sum(shard["rows"] for shard in metrics["shards"]), "total_steps": plan["total_steps"],
+        "tokens_seen": metrics["tokens_seen"], "backend": pointer["backend"], "check": check,
         "sample": {"prompt": settings.sample_prompt, "completion": sample},
         "outputs": ["lora_model/", "fused/", "metrics.json", "loss.png"]})
     log(f"{bucket.url(prefix)} complete: {plan['total_steps']} steps, lora_model/ and fused/")
     shutil.rmtree(work.root, ignore_errors=True)
+
+
+def fuse(model_dir, lora_dir, fused_dir, tokenizer, examples):
+    """Merge the adapter into the base in float32 and save it in the base's 16-bit dtype; the
+    check that the saved model's logits are those of base + adapter, and the saved model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                        lora_dir)
+    reference = logits(adapted, examples)
+    with adapted.disable_adapter():
+        adapter_change = (reference - logits(adapted, examples)).abs().max().item()
+    fused = adapted.merge_and_unload().to(base_dtype(model_dir))
+    fused.config.use_cache = True
+    fused.generation_config = stop_at_end_of_turn(fused.generation_config, tokenizer)
+    fused.save_pretrained(fused_dir)
+    tokenizer.save_pretrained(fused_dir)
+    del adapted, fused
+    release_memory()
+
+    fused = AutoModelForCausalLM.from_pretrained(fused_dir, dtype=torch.float32)
+    scale = reference.abs().max().item()
+    difference = (logits(fused, examples) - reference).abs().max().item() / scale
+    log(f"fused vs base + adapter: max |logit difference| {difference:.2e} of the largest logit "
+        f"(tolerance {LOGITS_TOLERANCE}); the adapter itself moves logits by up to "
+        f"{adapter_change / scale:.2e} of it")
+    if not difference <= LOGITS_TOLERANCE:
+        raise UserError(f"the fused model's logits differ from base + adapter by {difference:.3g} of "
+                        f"the largest logit, more than {LOGITS_TOLERANCE}: the merge went wrong; "
+                        "nothing was published")
+    return {"max_relative_logit_difference": difference, "tolerance": LOGITS_TOLERANCE,
+            "adapter_max_relative_logit_change": adapter_change / scale}, fused
 
 
 def output_tokenizer(model_dir, data):
@@ -587,6 +606,7 @@ def stop_at_end_of_turn(generation_config, tokenizer):
 
 
 def generate(model, tokenizer, prompt):
+    """A greedy answer, prompted as the model will be served: chat template, its stop tokens."""
     import torch
 
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -597,7 +617,7 @@ def generate(model, tokenizer, prompt):
     return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
-def run_metrics(checkpoint, plan, backend):
+def run_metrics(checkpoint, plan, pointer):
     """Loss, learning rate and tokens/s of every logging step, and a summary of each shard."""
     with open(os.path.join(checkpoint, "trainer_state.json")) as f:
         state = json.load(f)
@@ -616,8 +636,8 @@ def run_metrics(checkpoint, plan, backend):
     return {"steps": steps, "shards": shards, "total_steps": plan["total_steps"],
             "tokens_seen": state.get("num_input_tokens_seen"),
             "trained_tokens": sum(shard["trained_tokens"] or 0 for shard in shards),
-            "training_seconds": steps[-1]["seconds"] if steps else None, "backend": backend.name,
-            "device": backend.device}
+            "training_seconds": pointer["seconds"], "backend": pointer["backend"],
+            "device": pointer["device"]}
 
 
 def plot_loss(metrics, path):

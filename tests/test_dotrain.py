@@ -258,6 +258,13 @@ def test_unpacked_capped_run_on_a_local_bucket(local_bucket, inputs, tmp_path):
     for name in ("lora_model/adapter_model.safetensors", "fused/model.safetensors", "loss.png"):
         assert get_object(env, f"done/{MODEL}/{DATASET}/{name}") is not None
 
+    # Killed while exporting (before the manifest): the rerun exports again without training.
+    manifest = Path(env["BUCKET_NAME"][len("file://"):]) / "done" / MODEL / DATASET / "_manifest.json"
+    manifest.unlink()
+    result = run_step("dotrain.py", env)
+    assert "backend:" not in result.stdout and "checkpoint " not in result.stdout
+    assert json.loads(manifest.read_text()) == done
+
 
 def test_packed_loss_equals_unpacked_loss(inputs, tiny_model, tmp_path):
     """Padding-free packing must not let sequences attend to each other (SDPA, no flash
