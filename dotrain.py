@@ -194,7 +194,7 @@ def load_for_training(settings, backend, model_dir):
 
         model, _ = FastLanguageModel.from_pretrained(
             model_name=model_dir, max_seq_length=settings.max_seq_length, dtype=None,
-            load_in_4bit=False, use_exact_model_name=True)
+            load_in_4bit=False, load_in_16bit=True, use_exact_model_name=True)
         return FastLanguageModel.get_peft_model(model, **lora, use_gradient_checkpointing="unsloth",
                                                 random_state=settings.seed), tokenizer
     from peft import LoraConfig, get_peft_model

@@ -18,12 +18,12 @@ sys.path.insert(0, str(ROOT / "demo"))
 MODEL, DATASET = "tiny/qwen2", "synthetic/colors"
 SHARD_ROWS = (60, 60, 60)
 MAX_SEQ_LENGTH = 128
-# A learning rate far above the default: the base model is random and the test has ~25 steps.
-# One thread: on a small shared machine torch's thread pool spins and a tiny step takes 20x longer.
+# A learning rate far above the default: the base model is random and a run has ~25 steps.
 TRAINING = {"MODEL_NAME": MODEL, "DATASET_NAME": DATASET, "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH),
-            "OMP_NUM_THREADS": "1",
             "BATCH_SIZE": "2", "GRAD_ACCUM": "2", "WARMUP_STEPS": "2", "LEARNING_RATE": "1e-2",
-            "LORA_R": "8", "SAVE_STEPS": "2", "SAMPLE_PROMPT": "The car is red. What color is the car?"}
+            "LORA_R": "8", "SAVE_STEPS": "2", "SAMPLE_PROMPT": "The car is red. What color is the car?",
+            # on a small shared machine torch's spinning thread pool makes a tiny step 20x slower
+            "OMP_NUM_THREADS": "1"}
 
 
 # ---------------------------------------------------------------- inputs in the bucket
