@@ -315,9 +315,12 @@ def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work):
     data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     for index, path in local_shards(bucket, data_prefix, data["shards"], 0, work.shards):
         entry = data["shards"][index]
-        trainer = make_trainer(settings, backend, model, tokenizer, load_shard(path, entry), work,
-                               max_steps=1)
-        sequences, tokens = len(trainer.train_dataset), count_tokens(trainer.train_dataset)
+        sequences = tokens = 0
+        if entry["rows"]:  # (a trainer needs a first row to look at)
+            trainer = make_trainer(settings, backend, model, tokenizer, load_shard(path, entry), work,
+                                   max_steps=1)
+            sequences, tokens = len(trainer.train_dataset), count_tokens(trainer.train_dataset)
+            del trainer
         shard = {"path": entry["path"], "rows": entry["rows"], "sequences": sequences,
                  "steps": optimizer_steps(sequences, settings), "tokens": tokens,
                  "trained_tokens": entry.get("trained_tokens"),
@@ -329,8 +332,10 @@ def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work):
                 "trained token and dropped")
         plan["shards"].append(shard)
         plan["rows"] += entry["rows"]
-        del trainer
     all_steps = sum(shard["steps"] for shard in plan["shards"])
+    if not all_steps:
+        raise UserError(f"{bucket.url(data_prefix)} has no row left to train on: check "
+                        "pretokenize.py's output and MAX_SEQ_LENGTH")
     plan.update(total_steps=min(all_steps, settings.max_steps or all_steps), optim=backend.optim)
     write_manifest(bucket, prefix, plan)
     log(f"plan: {plan['total_steps']} optimizer steps over {len(plan['shards'])} shards "
