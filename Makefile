@@ -10,6 +10,10 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# SkyPilot parses the YAMLs in tests; it lives in a venv of its own, since its click pin
+	# conflicts with huggingface_hub's, and never on the GPU node.
+	test -x $(VENV)/sky/bin/python || python3 -m venv $(VENV)/sky
+	$(VENV)/sky/bin/python -m pip install -q skypilot==0.14.1
 	touch $(INSTALLED)
 
 demo: $(INSTALLED)
