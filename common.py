@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -348,6 +349,11 @@ class Bucket:
         f.close()
 
     def upload(self, local_path, key):
+        """Stream a local file into an object (s3fs multipart); it appears whole or not at all."""
+        if self.is_local:
+            with open(local_path, "rb") as source, self.writer(key) as f:
+                shutil.copyfileobj(source, f, 8 * 2**20)
+            return
         self.fs.put_file(local_path, self.path(key))
 
     def download(self, key, local_path):

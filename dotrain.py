@@ -440,12 +440,6 @@ def fetch_checkpoint(bucket, prefix, pointer, directory, files=None):
     return local
 
 
-def upload(bucket, local_path, key):
-    if bucket.is_local:  # Bucket.upload does not create a key's folders in a local directory
-        os.makedirs(os.path.dirname(bucket.path(key)), exist_ok=True)
-    bucket.upload(local_path, key)
-
-
 def checkpoint_callback(bucket, prefix, backend, plan, shard_end, seconds):
     """Stops (and saves) at the shard's last step; uploads every checkpoint the trainer saves,
     then points latest.json at it, then removes the older ones from the bucket."""
@@ -462,7 +456,7 @@ def checkpoint_callback(bucket, prefix, backend, plan, shard_end, seconds):
             files = sorted(os.path.relpath(os.path.join(folder, file), local)
                            for folder, _, names in os.walk(local) for file in names)
             for file in files:
-                upload(bucket, os.path.join(local, file), f"{prefix}/{name}/{file}")
+                bucket.upload(os.path.join(local, file), f"{prefix}/{name}/{file}")
             shard, into = position(plan, state.global_step)
             bucket.put(f"{prefix}/{POINTER}", json.dumps({
                 "step": state.global_step, "checkpoint": name, "files": files, "shard": shard,
@@ -500,9 +494,9 @@ def export(settings, bucket, model_dir, plan, data, inputs, work):
     plot_loss(metrics, os.path.join(work.export, "loss.png"))
     for folder in (lora_dir, fused_dir):
         for name in sorted(os.listdir(folder)):
-            upload(bucket, os.path.join(folder, name), f"{prefix}/{os.path.basename(folder)}/{name}")
+            bucket.upload(os.path.join(folder, name), f"{prefix}/{os.path.basename(folder)}/{name}")
     bucket.put(f"{prefix}/metrics.json", json.dumps(metrics, indent=1).encode())
-    upload(bucket, os.path.join(work.export, "loss.png"), f"{prefix}/loss.png")
+    bucket.upload(os.path.join(work.export, "loss.png"), f"{prefix}/loss.png")
     write_manifest(bucket, prefix, {
         "complete": True, "inputs": inputs, "shards": metrics["shards"],
         "rows": sum(shard["rows"] for shard in metrics["shards"]), "total_steps": plan["total_steps"],
