@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from urllib.parse import urlparse
 
 DEFAULT_ENDPOINT = "https://t3.storage.dev"
@@ -222,6 +223,7 @@ class Bucket:
     def __init__(self, settings):
         url = settings.bucket_name.rstrip("/")
         parsed = urlparse(url)
+        self.manifest_etags = {}  # prefix -> ETag of its manifest as this process last saw it
         if parsed.scheme in ("", "file") and (parsed.scheme == "file" or "/" in url or url.startswith(".")):
             import fsspec
 
@@ -256,7 +258,13 @@ class Bucket:
 
     @property
     def client(self):
-        return boto3_client(self.settings)
+        if getattr(self, "_client", None) is None:
+            self._client = boto3_client(self.settings)
+        return self._client
+
+    def key_of(self, key):
+        """The S3 object key (without the bucket name) of a key relative to the root."""
+        return self.path(key).split("/", 1)[1]
 
     def check(self):
         """Fail early, in one line, when the bucket cannot be used."""
@@ -266,7 +274,9 @@ class Bucket:
 
         try:
             # Few attempts: an unreachable endpoint or a missing bucket should fail in seconds.
-            boto3_client(self.settings, attempts=2).head_bucket(Bucket=self.name)
+            response = boto3_client(self.settings, attempts=2).head_bucket(Bucket=self.name)
+            # The server's clock, to tell uploads begun before this run (abort_stale_uploads).
+            self.opened_at = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
         except bex.ClientError as e:
             code = str(e.response.get("Error", {}).get("Code"))
             if code in ("404", "NoSuchBucket"):
@@ -288,14 +298,26 @@ class Bucket:
         except FileNotFoundError:
             return None
 
+    def get_with_etag(self, key):
+        """The object's bytes and the ETag of exactly those bytes, or (None, None)."""
+        if self.is_local:
+            data = self.get(key)
+            return (None, None) if data is None else (data, hashlib.md5(data).hexdigest())
+        try:
+            response = self.client.get_object(Bucket=self.name, Key=self.key_of(key))
+        except self.client.exceptions.NoSuchKey:
+            return None, None
+        return response["Body"].read(), response["ETag"]
+
     def put(self, key, data, if_none_match=False, if_match=None):
         """Write a whole object in one request; a lost condition raises Conflict."""
         if self.is_local:
             return self._put_local(key, data, if_none_match, if_match)
         condition = {"IfMatch": if_match} if if_match else {}
         try:
-            self.fs.pipe_file(self.path(key), data, mode="create" if if_none_match else "overwrite",
-                              **condition)
+            response = self.fs.pipe_file(self.path(key), data,
+                                         mode="create" if if_none_match else "overwrite", **condition)
+            return response["ETag"]
         except FileExistsError:
             raise Conflict(key) from None
         except OSError as e:
@@ -321,6 +343,7 @@ class Bucket:
                 raise Conflict(key)
             with self.writer(key) as f:
                 f.write(data)
+            return hashlib.md5(data).hexdigest()
 
     @contextlib.contextmanager
     def writer(self, key):
@@ -415,14 +438,48 @@ def fingerprint(obj):
 
 
 def read_manifest(bucket, prefix):
-    data = bucket.get(f"{prefix}/{MANIFEST}")
+    """The manifest of a prefix, or None; its ETag is kept for the next write_manifest."""
+    data, etag = bucket.get_with_etag(f"{prefix}/{MANIFEST}")
+    bucket.manifest_etags[prefix] = etag
     return None if data is None else json.loads(data)
 
 
 def write_manifest(bucket, prefix, manifest, **condition):
-    """One PUT of the whole manifest: readers see the old one or the new one, never a mix."""
-    bucket.put(f"{prefix}/{MANIFEST}", json.dumps(manifest, indent=1, sort_keys=True).encode(),
-               **condition)
+    """One PUT of the whole manifest: readers see the old one or the new one, never a mix.
+
+    Without an explicit condition the write is conditional on the manifest this process last
+    read or wrote (If-Match its ETag; If-None-Match when there was none), so that a second run
+    of the same step on the same output (a double launch) never moves the manifest backwards,
+    e.g. a slower run overwriting a complete manifest with a partial one. When the condition
+    fails, the manifest is read again: if it is at least as far along from the same inputs it
+    is kept as it is (shards are deterministic, so it lists the same shards), else this one is
+    written over it. A retried PUT whose first attempt did succeed also fails its condition,
+    and then finds its own manifest: kept. Returns the manifest in the bucket afterwards."""
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    key = f"{prefix}/{MANIFEST}"
+    if condition:
+        bucket.put(key, data, **condition)
+        return manifest
+    for _ in range(10):  # each round means another run wrote meanwhile
+        etag = bucket.manifest_etags.get(prefix)
+        try:
+            bucket.manifest_etags[prefix] = bucket.put(key, data, if_none_match=etag is None,
+                                                       if_match=etag)
+            return manifest
+        except Conflict:
+            theirs = read_manifest(bucket, prefix)
+        if theirs is not None and theirs.get("inputs") != manifest.get("inputs"):
+            raise UserError(f"another run with other settings is writing {bucket.url(prefix)}: "
+                            "let one run finish, then rerun")
+        if theirs is not None and _progress(theirs) >= _progress(manifest):
+            log(f"another run of this step is as far in {bucket.url(prefix)}: keeping its manifest")
+            return theirs
+    raise UserError(f"{bucket.url(prefix)}/{MANIFEST} keeps changing under this run: is another "
+                    "run of this step writing it? Let one run finish, then rerun")
+
+
+def _progress(manifest):
+    return bool(manifest.get("complete")), len(manifest.get("shards") or [])
 
 
 def new_manifest(inputs):
@@ -446,8 +503,32 @@ def resume_or_start(bucket, prefix, inputs, force):
         if force and bucket.exists(prefix):
             log(f"FORCE: rebuilding {bucket.url(prefix)}")
             bucket.delete_prefix(prefix)
+            bucket.manifest_etags[prefix] = None
         return new_manifest(inputs)
     return manifest
+
+
+def abort_stale_uploads(bucket, prefix, mine=lambda name: True):
+    """Abort the unfinished multipart uploads under an output prefix that began before this run.
+
+    A run killed while streaming a shard leaves its upload open: never visible as an object,
+    but stored (and billed) until aborted. Called when a step starts on its output, it aborts
+    what was begun before the bucket was opened (by the server's clock), so the uploads of a
+    run started at the same moment (a double launch) are left alone. A run of the same step
+    still going from much earlier would lose the shard it is uploading, and fail: its shard
+    is written again by this run. `mine(name)` (the key's name under the prefix) limits it to
+    the objects this run writes, where several nodes share an output."""
+    if bucket.is_local:
+        return
+    start = len(bucket.key_of(prefix)) + 1
+    paginator = bucket.client.get_paginator("list_multipart_uploads")
+    for page in paginator.paginate(Bucket=bucket.name, Prefix=bucket.key_of(prefix) + "/"):
+        for upload in page.get("Uploads", []):
+            if upload["Initiated"] < bucket.opened_at and mine(upload["Key"][start:]):
+                log(f"aborting an unfinished upload of s3://{bucket.name}/{upload['Key']} "
+                    "left by an earlier run")
+                bucket.client.abort_multipart_upload(Bucket=bucket.name, Key=upload["Key"],
+                                                     UploadId=upload["UploadId"])
 
 
 def short(value, width=60):
@@ -482,9 +563,18 @@ def read_parquet_batches(bucket, key, batch_size):
     """Record batches of a Parquet object, read a row group at a time (bounded memory)."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     with bucket.fs.open(bucket.path(key), "rb", block_size=8 * 2**20) as f:
-        # pre_buffer would keep every row group read so far until the file is closed.
-        yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size)
+        try:
+            # pre_buffer would keep every row group read so far until the file is closed.
+            yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size)
+        except (pa.ArrowInvalid, OSError) as e:
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # a local or network failure, not the object's content
+            maker = "pretokenize.py" if key.startswith("model-ready/") else "import-dataset.py"
+            raise UserError(f"{bucket.url(key)} is not a readable Parquet file ({e}): it was "
+                            f"damaged or replaced; rerun {maker} with FORCE=1") from None
 
 
 def sha256_file(path, chunk=8 * 2**20):

@@ -15,8 +15,8 @@ import os
 
 os.environ.setdefault("USE_TORCH", "0")  # datasets would import torch (250 MB) for nothing here
 
-from common import (Setting, UserError, fingerprint, log, open_bucket, parquet_writer,
-                    parse_settings, raw_prefix, read_manifest, read_parquet_batches,
+from common import (Setting, UserError, abort_stale_uploads, fingerprint, log, open_bucket,
+                    parquet_writer, parse_settings, raw_prefix, read_manifest, read_parquet_batches,
                     resume_or_start, run, shard_name, standardized_prefix, write_manifest)
 
 SETTINGS = [
@@ -45,6 +45,8 @@ class Rejected(Exception):
 def main():
     settings = parse_settings(__doc__, SETTINGS)
     bucket = open_bucket(settings)
+    for prefix in (raw_prefix(settings.dataset_name), standardized_prefix(settings.dataset_name)):
+        abort_stale_uploads(bucket, prefix)
     previous = read_manifest(bucket, raw_prefix(settings.dataset_name))
     source = Source(settings, bucket, previous and previous["inputs"])
     raw = import_raw(settings, bucket, source)

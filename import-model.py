@@ -21,8 +21,9 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from common import (Setting, UserError, log, model_prefix, open_bucket, parse_settings,
-                    read_manifest, resume_or_start, run, sha256_file, write_manifest)
+from common import (Setting, UserError, abort_stale_uploads, log, model_prefix, open_bucket,
+                    parse_settings, read_manifest, resume_or_start, run, sha256_file,
+                    write_manifest)
 
 SETTINGS = [
     Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
@@ -45,6 +46,7 @@ def main():
     settings = parse_settings(__doc__, SETTINGS)
     bucket = open_bucket(settings)
     prefix = model_prefix(settings.model_name)
+    abort_stale_uploads(bucket, prefix)
     previous = read_manifest(bucket, prefix)
     source = Source(settings, previous and previous["inputs"])
     inputs = {"step": "models/1", **source.inputs, "allow_pickle": settings.allow_pickle}
