@@ -1,5 +1,7 @@
 # make demo: the whole pipeline offline, on this machine, against a local S3 server.
 # make test: the test suite (offline; starts its own S3 server).
+# make bench: every benchmark (bench/gpu_train.py only where a CUDA GPU is), then one table
+# of their results (bench/table.py prints it from bench/results/ alone).
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
@@ -21,6 +23,15 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest
+
+bench: $(INSTALLED)
+	$(PY) bench/import_memory.py
+	$(PY) bench/pretokenize_throughput.py
+	$(PY) bench/rerun.py
+	$(PY) bench/transfer.py
+	if $(PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
+		$(PY) bench/gpu_train.py; fi
+	$(PY) bench/table.py
 
 clean:
 	rm -rf $(VENV) .demo

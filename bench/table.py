@@ -1,0 +1,76 @@
+"""Print one table of every benchmark's figure, target and whether it is met, from the results
+files in bench/results/ (written by the bench scripts; `make bench` runs them).
+
+    .venv/bin/python bench/table.py [--markdown]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", action="store_true", help="a Markdown table (for the README)")
+    args = parser.parse_args()
+    rows = [("benchmark", "figure", "target", "met?")]
+    for path in sorted(RESULTS.glob("*.json")):
+        result = json.loads(path.read_text())
+        for row in ROWS.get(path.stem, own_rows)(result):
+            rows.append((row["benchmark"], row["figure"], row["target"],
+                         {True: "yes", False: "NO", None: "-"}[row["met"]]))
+    if args.markdown:
+        print("\n".join("| " + " | ".join(row) + " |" for row in [rows[0], ("---",) * 4, *rows[1:]]))
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def own_rows(result):
+    """Results that carry their own rows (rerun, transfer)."""
+    return result["table"]
+
+
+def import_memory_rows(result):
+    runs, targets = result["runs"], result["targets"]
+    ours_n, ours_4n, original_4n = runs["ours_N"], runs["ours_4N"], runs["original_4N"]
+    n = result["n"]
+    return [
+        {"benchmark": f"import-dataset peak RSS, {n:,} -> {4 * n:,} rows",
+         "figure": f"{ours_n['peak_rss_mb']:.0f} -> {ours_4n['peak_rss_mb']:.0f} MB",
+         "target": "4N within 1.15x of N", "met": targets["ours_4N_within_1.15x_of_ours_N"]},
+        {"benchmark": f"import-dataset peak RSS vs save_to_disk, {4 * n:,} rows",
+         "figure": f"{ours_4n['peak_rss_mb']:.0f} MB vs {original_4n['peak_rss_mb']:.0f} MB",
+         "target": "at most 1/4", "met": targets["ours_4N_at_most_quarter_of_original_4N"]},
+    ]
+
+
+def pretokenize_rows(result):
+    speed, ratios, targets, met = (result[k] for k in ("tokens_per_s", "ratios", "targets", "met"))
+    return [
+        {"benchmark": "pretokenize throughput vs the original method",
+         "figure": f"{speed['ours']:,} vs {speed['original']:,} tokens/s ({ratios['ours_vs_original']}x)",
+         "target": f">= {targets['ours_vs_original']}x", "met": met["ours_vs_original"]},
+        {"benchmark": "pretokenize throughput vs tokenizer alone",
+         "figure": f"{speed['ours']:,} vs {speed['limit']:,} tokens/s ({ratios['ours_vs_limit']}x)",
+         "target": f">= {targets['ours_vs_limit']}x", "met": met["ours_vs_limit"]},
+    ]
+
+
+def gpu_train_rows(result):
+    """Figures only: gpu_train measures, it sets no target."""
+    gpu = result.get("machine", {}).get("gpu", "GPU")
+    return [{"benchmark": f"train {name} on {gpu}",
+             "figure": run.get("skipped") or ", ".join(f"{k} {v}" for k, v in run.items()
+                                                      if isinstance(v, (int, float))),
+             "target": "-", "met": None} for name, run in result["runs"].items()]
+
+
+ROWS = {"import_memory": import_memory_rows, "pretokenize_throughput": pretokenize_rows,
+        "gpu_train": gpu_train_rows}
+
+if __name__ == "__main__":
+    main()
