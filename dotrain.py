@@ -17,8 +17,14 @@ is counted before training starts: each shard's optimizer steps are counted on t
 trainer itself prepares from it (packed or not). Optimizer and schedule carry over from shard to
 shard through the checkpoint saved at the end of each shard. On GPU with unsloth installed,
 unsloth trains (16-bit LoRA of exactly the bucket's model); elsewhere transformers + peft do.
+Checkpoints upload in the background while training goes on.
+
+Under torchrun (several GPUs, several nodes) the ranks train one model with DDP and transformers +
+peft: each optimizer step takes BATCH_SIZE x GRAD_ACCUM sequences on every rank, each rank its own
+batches of each shard, every sequence once. Rank 0 alone writes to the bucket.
 """
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -82,29 +88,40 @@ SAMPLE_TOKENS = 64
 
 def main():
     settings = parse_settings(__doc__, SETTINGS)
+    ranks = Ranks.start()
     bucket = open_bucket(settings)
     model_manifest = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     data = require_complete(bucket, model_ready_prefix(settings.model_name, settings.dataset_name),
                             "pretokenize.py")
     inputs = run_inputs(settings, model_manifest, data)
-    done = resume_or_start(bucket, done_prefix(settings.model_name, settings.dataset_name), inputs,
-                           settings.force)
+    # Rank 0 first: with FORCE it removes the old outputs, which the other ranks must not see.
+    with ranks.first():
+        force = settings.force and ranks.rank == 0
+        done = resume_or_start(bucket, done_prefix(settings.model_name, settings.dataset_name),
+                               inputs, force)
+        plan = None if done["complete"] else resume_or_start(
+            bucket, checkpoints_prefix(settings.model_name, settings.dataset_name), inputs, force)
     if done["complete"]:
         log(f"{bucket.url(done_prefix(settings.model_name, settings.dataset_name))} is complete: "
             "nothing to do")
         return
-    plan = resume_or_start(bucket, checkpoints_prefix(settings.model_name, settings.dataset_name),
-                           inputs, settings.force)
-    work = Work(settings)
-    model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
+    with ranks.first_on_node():
+        work = Work(settings, ranks)
+        model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
     if not plan["complete"]:
-        backend = choose_backend(settings)
+        backend = choose_backend(settings, ranks)
+        where = bucket.url(checkpoints_prefix(settings.model_name, settings.dataset_name))
         if plan.get("optim", backend.optim) != backend.optim:
-            raise UserError(f"the checkpoints of {bucket.url(checkpoints_prefix(settings.model_name, settings.dataset_name))} "
-                            f"hold {plan['optim']} optimizer state and this machine trains with "
-                            f"{backend.optim}: resume on the same kind of machine, or rerun with "
-                            "FORCE=1 to start over")
-        train(settings, bucket, backend, model_dir, data, plan, work)
+            raise UserError(f"the checkpoints of {where} hold {plan['optim']} optimizer state and "
+                            f"this machine trains with {backend.optim}: resume on the same kind of "
+                            "machine, or rerun with FORCE=1 to start over")
+        if plan.get("world_size", ranks.world) != ranks.world:
+            raise UserError(f"the checkpoints of {where} were planned for {plan['world_size']} "
+                            f"training processes and this run has {ranks.world}: relaunch with as "
+                            "many nodes and GPUs, or rerun with FORCE=1 to start over")
+        train(settings, bucket, backend, model_dir, data, plan, work, ranks)
+        if ranks.rank != 0:
+            return
         if backend.name == "unsloth":
             log("exporting in a fresh process: unsloth has patched transformers in this one")
             sys.stdout.flush()
@@ -121,16 +138,68 @@ def run_inputs(settings, model_manifest, data):
             "model_ready": fingerprint(data), "target_modules": TARGET_MODULES, **hyperparameters}
 
 
-class Work:
-    """The local scratch directories of this model and dataset."""
+class Ranks:
+    """This process's place among the training processes: one, or torchrun's (WORLD_SIZE > 1)."""
 
-    def __init__(self, settings):
+    def __init__(self, rank=0, local_rank=0, world=1):
+        self.rank, self.local_rank, self.world = rank, local_rank, world
+
+    @classmethod
+    def start(cls):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), local_rank, world)
+
+    @contextlib.contextmanager
+    def first(self, leader=None):
+        """Rank 0 (or each node's first rank) runs the block, then the others do."""
+        leader = self.rank == 0 if leader is None else leader
+        if not leader:
+            self.barrier()
+        yield
+        if leader:
+            self.barrier()
+
+    def first_on_node(self):
+        return self.first(self.local_rank == 0)
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+
+class Work:
+    """The local scratch directories of this model and dataset: the trainer's (a node's ranks
+    share it, as they share its checkpoints) and each rank's own for shards and exports."""
+
+    def __init__(self, settings, ranks):
         self.root = os.path.join(os.path.expanduser(settings.work_dir), settings.model_name,
                                  settings.dataset_name)
-        self.shards = os.path.join(self.root, "shards")
+        mine = self.root if ranks.world == 1 else os.path.join(self.root, f"rank-{ranks.local_rank}")
+        self.shards = os.path.join(mine, "shards")
         self.trainer = os.path.join(self.root, "trainer")
-        self.export = os.path.join(self.root, "export")
-        for path in (self.shards, self.trainer, self.export):  # leftovers of a killed run
+        self.uploads = os.path.join(self.root, "uploads")
+        self.export = os.path.join(mine, "export")
+        for path in (self.shards, self.trainer, self.uploads, self.export):  # a killed run's
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path)
 
@@ -148,13 +217,17 @@ class Backend:
     trainer_class: type = None
 
 
-def choose_backend(settings):
+def choose_backend(settings, ranks=Ranks()):
     """unsloth on a CUDA GPU when installed (imported here, before transformers, trl and peft,
-    which it patches), else transformers + peft; and the precision and optimizer of the device."""
+    which it patches), else transformers + peft; and the precision and optimizer of the device.
+    Several processes (DDP) train with transformers + peft."""
     import torch
 
     cuda = torch.cuda.is_available()
-    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    has_unsloth = importlib.util.find_spec("unsloth") is not None and ranks.world == 1
+    if settings.train_backend == "unsloth" and ranks.world > 1:
+        raise UserError(f"TRAIN_BACKEND=unsloth trains in one process and this run has {ranks.world} "
+                        "(torchrun): use TRAIN_BACKEND=peft (or auto) on several GPUs")
     if settings.train_backend == "unsloth" and not cuda:
         raise UserError("TRAIN_BACKEND=unsloth needs a CUDA GPU and this machine has none: "
                         "use TRAIN_BACKEND=peft (or auto) here")
@@ -165,7 +238,8 @@ def choose_backend(settings):
     if name == "unsloth":
         import unsloth  # noqa: F401
     elif cuda and settings.train_backend == "auto":
-        log("unsloth is not installed: training with transformers + peft")
+        log("unsloth is not installed: training with transformers + peft" if ranks.world == 1 else
+            f"{ranks.world} processes: training with transformers + peft under DDP")
     bf16 = cuda and torch.cuda.is_bf16_supported()
     eight_bit = cuda and importlib.util.find_spec("bitsandbytes") is not None
     # Packed, padding-free batches are exact with SDPA too, as long as no KV cache is built
@@ -174,7 +248,7 @@ def choose_backend(settings):
         lambda record: "Flash Attention variant" not in record.getMessage())
     backend = Backend(name, "cuda" if cuda else "cpu", bf16=bf16, fp16=cuda and not bf16,
                       optim="adamw_8bit" if eight_bit else "adamw_torch")
-    backend.trainer_class = shard_trainer_class(backend)
+    backend.trainer_class = shard_trainer_class(backend, ranks)
     log(f"backend: {name} on {backend.device}, {'bf16' if bf16 else 'fp16' if backend.fp16 else 'fp32'}, "
         f"{backend.optim}")
     return backend
@@ -206,11 +280,26 @@ def load_for_training(settings, backend, model_dir):
     return get_peft_model(model, LoraConfig(**lora, task_type="CAUSAL_LM")), tokenizer
 
 
-def shard_trainer_class(backend):
+def shard_trainer_class(backend, ranks=Ranks()):
     """TRL's SFTTrainer (unsloth's when unsloth is imported) that also logs, at each logging
-    step, the shard, the tokens per second since the last log and the training time so far."""
+    step, the shard, the tokens per second since the last log and the training time so far.
+    Under DDP each rank takes its own batches of the shard (RankBatches)."""
     import transformers
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
     from trl import SFTTrainer
+
+    class RankBatches(BatchRebalanceSampler):
+        """rank_batches() as a BatchRebalanceSampler: the Trainer takes it as rank-aware and
+        does not let accelerate split it again."""
+
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __iter__(self):
+            return iter(self.batches)
+
+        def __len__(self):
+            return len(self.batches)
 
     class ShardTrainer(SFTTrainer):
         shard = None
@@ -225,6 +314,12 @@ def shard_trainer_class(backend):
             return transformers.Trainer.compute_loss(self, model, {**inputs, "use_cache": False},
                                                      return_outputs, num_items_in_batch)
 
+        def _get_train_sampler(self, train_dataset=None):
+            if ranks.world == 1:
+                return super()._get_train_sampler(train_dataset)
+            return RankBatches(rank_batches(len(self.train_dataset),
+                                            self.args.per_device_train_batch_size, ranks))
+
         def log(self, logs, start_time=None):
             if "loss" in logs and start_time is not None:
                 now, seen = time.time(), self.state.num_input_tokens_seen
@@ -235,6 +330,39 @@ def shard_trainer_class(backend):
             super().log(logs, start_time)
 
     return ShardTrainer
+
+
+def rank_batches(sequences, batch_size, ranks):
+    """This rank's batches of a shard's `sequences`: batch k goes to rank k % world. A rank short
+    of a batch gets [sequences], a batch with nothing to learn from (RankView), so that every
+    rank makes the same steps."""
+    batches = [list(range(start, min(start + batch_size, sequences)))
+               for start in range(0, sequences, batch_size)]
+    mine = batches[ranks.rank::ranks.world]
+    return mine + [[sequences]] * (math.ceil(len(batches) / ranks.world) - len(mine))
+
+
+class RankView:
+    """A shard's prepared sequences as one rank reads them: index len(sequences) is a one-token
+    sequence with no label (it adds nothing to the loss or its token count), and the positions
+    it served are kept to check that the ranks shared the shard exactly."""
+
+    def __init__(self, sequences):
+        self.sequences, self.served = sequences, []
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def __getitem__(self, index):
+        if index < len(self.sequences):
+            self.served.append(index)
+            return self.sequences[index]
+        row = self.sequences[0]
+        empty = {name: value[:1] for name, value in row.items() if isinstance(value, list)}
+        empty["labels"] = [-100]
+        if "seq_lengths" in row:
+            empty["seq_lengths"] = [1]
+        return empty
 
 
 def make_trainer(settings, backend, model, tokenizer, dataset, work, max_steps, callbacks=()):
@@ -251,6 +379,7 @@ def make_trainer(settings, backend, model, tokenizer, dataset, work, max_steps, 
         max_length=settings.max_seq_length, packing=settings.packing, packing_strategy="bfd",
         max_steps=max_steps, ignore_data_skip=True, train_sampling_strategy="sequential",
         save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
+        save_on_each_node=True,  # (several nodes: every node resumes each shard from its own copy)
         logging_steps=settings.logging_steps,
         include_num_input_tokens_seen="all" if settings.packing else "non_padding",
         disable_tqdm=True)
@@ -270,8 +399,9 @@ def release_memory():
 
 
 def local_shards(bucket, prefix, shards, first, directory):
-    """(index, local path) of shards[first:] in order. The next shard downloads while the caller
-    trains on the current one; a shard's local files go once the caller moves on."""
+    """(index, local path, seconds waited for it) of shards[first:] in order. The next shard
+    downloads while the caller trains on the current one; a shard's local files go once the
+    caller moves on."""
 
     def fetch(index):
         folder = os.path.join(directory, str(index))
@@ -283,10 +413,12 @@ def local_shards(bucket, prefix, shards, first, directory):
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(fetch, first) if first < len(shards) else None
         for index in range(first, len(shards)):
+            waiting = time.time()
             path = pending.result()
+            waited = time.time() - waiting
             pending = pool.submit(fetch, index + 1) if index + 1 < len(shards) else None
             try:
-                yield index, path
+                yield index, path, waited
             finally:
                 shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
@@ -302,18 +434,21 @@ def load_shard(path, entry):
     return dataset.select_columns(["input_ids", "labels"])
 
 
-def optimizer_steps(sequences, settings):
-    """Optimizer steps of one pass over `sequences`, as transformers.Trainer counts them: the last
-    batch and the last accumulation may be short, and each still makes a step."""
-    return math.ceil(math.ceil(sequences / settings.batch_size) / settings.grad_accum)
+def optimizer_steps(sequences, settings, world):
+    """Optimizer steps of one pass over `sequences` by `world` processes, as transformers.Trainer
+    counts them: each rank takes every world-th batch; the last batch and the last accumulation
+    may be short, and each still makes a step."""
+    batches = math.ceil(sequences / settings.batch_size)
+    return math.ceil(math.ceil(batches / world) / settings.grad_accum)
 
 
-def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work):
+def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work, ranks):
     """The optimizer steps of every shard, counted once on the trainer's own preparation of
-    each shard (packing, truncation, dropped rows) and saved before training starts."""
+    each shard (packing, truncation, dropped rows) and saved before training starts. Every
+    rank counts the same; rank 0 saves."""
     prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
     data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
-    for index, path in local_shards(bucket, data_prefix, data["shards"], 0, work.shards):
+    for index, path, _ in local_shards(bucket, data_prefix, data["shards"], 0, work.shards):
         entry = data["shards"][index]
         sequences = tokens = 0
         if entry["rows"]:  # (a trainer needs a first row to look at)
@@ -322,7 +457,7 @@ def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work):
             sequences, tokens = len(trainer.train_dataset), count_tokens(trainer.train_dataset)
             del trainer
         shard = {"path": entry["path"], "rows": entry["rows"], "sequences": sequences,
-                 "steps": optimizer_steps(sequences, settings), "tokens": tokens,
+                 "steps": optimizer_steps(sequences, settings, ranks.world), "tokens": tokens,
                  "trained_tokens": entry.get("trained_tokens"),
                  "dropped_rows": 0 if settings.packing else entry["rows"] - sequences,
                  "cut_tokens": entry["tokens"] - tokens if "tokens" in entry else None}
@@ -336,8 +471,11 @@ def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work):
     if not all_steps:
         raise UserError(f"{bucket.url(data_prefix)} has no row left to train on: check "
                         "pretokenize.py's output and MAX_SEQ_LENGTH")
-    plan.update(total_steps=min(all_steps, settings.max_steps or all_steps), optim=backend.optim)
-    write_manifest(bucket, prefix, plan)
+    plan.update(total_steps=min(all_steps, settings.max_steps or all_steps), optim=backend.optim,
+                world_size=ranks.world)
+    if ranks.rank == 0:
+        write_manifest(bucket, prefix, plan)
+
     log(f"plan: {plan['total_steps']} optimizer steps over {len(plan['shards'])} shards "
         f"({', '.join(str(shard['steps']) for shard in plan['shards'])})"
         + (f", capped by MAX_STEPS from {all_steps}" if plan["total_steps"] < all_steps else ""))
@@ -370,60 +508,76 @@ def position(plan, step):
 # ---------------------------------------------------------------- training
 
 
-def train(settings, bucket, backend, model_dir, data, plan, work):
+def train(settings, bucket, backend, model_dir, data, plan, work, ranks):
     """Plan the steps (once), then train from the latest checkpoint to the plan's last step."""
     prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
     model, tokenizer = load_for_training(settings, backend, model_dir)
     if plan.get("total_steps") is None:
-        make_plan(settings, bucket, backend, model, tokenizer, data, plan, work)
+        make_plan(settings, bucket, backend, model, tokenizer, data, plan, work, ranks)
     pointer = read_pointer(bucket, prefix)
     step, total = pointer["step"] if pointer else 0, plan["total_steps"]
+    io = (pointer or {}).get("shards_io", {})
     if step < total:
         first, into = position(plan, step)
         log(f"resuming at step {step}: shard {first}, after {into} of its "
             f"{plan['shards'][first]['steps']} steps" if pointer else
             f"training {total} steps over {len(plan['shards'])} shards")
-        checkpoint = fetch_checkpoint(bucket, prefix, pointer, work.trainer) if pointer else None
+        checkpoint = os.path.join(work.trainer, pointer["checkpoint"]) if pointer else None
+        with ranks.first_on_node():
+            if pointer and ranks.local_rank == 0:
+                fetch_checkpoint(bucket, prefix, pointer, work.trainer)
         began, seconds_before = time.time(), pointer["seconds"] if pointer else 0.0
-        train_shards(settings, bucket, backend, model, tokenizer, plan, work, step, checkpoint,
-                     lambda: seconds_before + time.time() - began)
-    plan["complete"] = True
-    write_manifest(bucket, prefix, plan)
+        uploads = Uploads(bucket, prefix, work.uploads) if ranks.rank == 0 else None
+        train_shards(settings, bucket, backend, model, tokenizer, plan, work, ranks, step, checkpoint,
+                     lambda: seconds_before + time.time() - began, uploads, io)
+    plan.update(complete=True, shards_io=io)
+    if ranks.rank == 0:
+        write_manifest(bucket, prefix, plan)
     log(f"training complete: {total} steps")
     del model
     release_memory()
 
 
-def train_shards(settings, bucket, backend, model, tokenizer, plan, work, step, checkpoint, seconds):
+def train_shards(settings, bucket, backend, model, tokenizer, plan, work, ranks, step, checkpoint,
+                 seconds, uploads, io):
     """Train shard after shard from `step` (and its checkpoint) on; `seconds()` is the training
-    time of the run so far, this process's and that of the checkpoints before."""
-    prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
+    time of the run so far, this process's and that of the checkpoints before. `io` collects, by
+    shard, the seconds training waited on storage and the sequences each rank trained on."""
     data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     starts, total = shard_starts(plan), plan["total_steps"]
     first, _ = position(plan, step)
-    for index, path in local_shards(bucket, data_prefix, plan["shards"], first, work.shards):
+    for index, path, waited in local_shards(bucket, data_prefix, plan["shards"], first, work.shards):
         end = min(starts[index] + plan["shards"][index]["steps"], total)
         if end == step:  # a shard with nothing left to train on
             continue
-        upload = checkpoint_callback(bucket, prefix, backend, plan, end, seconds)
+        record = io.setdefault(str(index), {"storage_wait_s": 0.0})
+        record["storage_wait_s"] = round(record["storage_wait_s"] + waited, 3)
         trainer = make_trainer(settings, backend, model, tokenizer,
-                               load_shard(path, plan["shards"][index]), work, total, [upload])
+                               load_shard(path, plan["shards"][index]), work, total)
         # The trainer's own order is sequential: this fixed shuffle of the prepared shard is what
         # a resumed run skips into.
         order = trainer.train_dataset.shuffle(seed=settings.seed + index)
-        done = (step - starts[index]) * settings.batch_size * settings.grad_accum
+        done = (step - starts[index]) * settings.batch_size * settings.grad_accum * ranks.world
         trainer.train_dataset = order.select(range(done, len(order)))
+        if ranks.world > 1:
+            trainer.train_dataset = RankView(trainer.train_dataset)
+        whole = end == starts[index] + plan["shards"][index]["steps"]
+        trainer.add_callback(shard_callback(uploads, ranks, plan, end, whole, seconds, backend, io,
+                                            record, trainer.train_dataset, done))
         trainer.shard, trainer.seconds = index, seconds
         log(f"shard {index} ({plan['shards'][index]['path']}): steps {step + 1}..{end}")
         trainer.train(resume_from_checkpoint=checkpoint)
         if trainer.state.global_step != end:
             raise RuntimeError(f"shard {index} ended at step {trainer.state.global_step}, "
                                f"not at the planned {end}")
+        ranks.barrier()  # each node's checkpoint is saved before any of its ranks loads it
         step, checkpoint = end, os.path.join(work.trainer, f"checkpoint-{end}")
         del trainer, order
         release_memory()
         if step >= total:
             break
+    if uploads:
+        record["storage_wait_s"] = round(record["storage_wait_s"] + uploads.finish(), 3)
 
 
 def read_pointer(bucket, prefix):
@@ -440,35 +594,91 @@ def fetch_checkpoint(bucket, prefix, pointer, directory, files=None):
     return local
 
 
-def checkpoint_callback(bucket, prefix, backend, plan, shard_end, seconds):
-    """Stops (and saves) at the shard's last step; uploads every checkpoint the trainer saves,
-    then points latest.json at it, then removes the older ones from the bucket."""
+def shard_callback(uploads, ranks, plan, shard_end, whole, seconds, backend, io, record, sequences,
+                   done):
+    """Stops (and saves) at the shard's last step, after checking (when the shard is `whole`,
+    not cut by MAX_STEPS) that the ranks trained on each of its sequences once; rank 0 queues
+    every checkpoint the trainer saves for upload."""
     from transformers import TrainerCallback
 
-    class UploadCheckpoints(TrainerCallback):
+    class ShardEnd(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= shard_end:
-                control.should_save = control.should_training_stop = True
+            if state.global_step < shard_end:
+                return
+            control.should_save = control.should_training_stop = True
+            if ranks.world > 1 and whole:
+                record.update(sequences_by_rank=shared_exactly(ranks, sequences),
+                              sequences_before_resume=done)
 
         def on_save(self, args, state, control, **kwargs):
+            if uploads is None:
+                return
             name = f"checkpoint-{state.global_step}"
-            local = os.path.join(args.output_dir, name)
-            files = sorted(os.path.relpath(os.path.join(folder, file), local)
-                           for folder, _, names in os.walk(local) for file in names)
-            for file in files:
-                bucket.upload(os.path.join(local, file), f"{prefix}/{name}/{file}")
             shard, into = position(plan, state.global_step)
-            bucket.put(f"{prefix}/{POINTER}", json.dumps({
-                "step": state.global_step, "checkpoint": name, "files": files, "shard": shard,
-                "steps_into_shard": into, "total_steps": plan["total_steps"],
-                "seconds": round(seconds(), 3), "backend": backend.name, "device": backend.device},
-                indent=1).encode())
-            for old in bucket.fs.ls(bucket.path(prefix), detail=False):
-                if os.path.basename(old).startswith("checkpoint-") and os.path.basename(old) != name:
-                    bucket.fs.rm(old, recursive=True)
-            log(f"checkpoint {state.global_step}/{plan['total_steps']} saved to {bucket.url(prefix)}/{name}")
+            pointer = {"step": state.global_step, "checkpoint": name, "shard": shard,
+                       "steps_into_shard": into, "total_steps": plan["total_steps"],
+                       "seconds": round(seconds(), 3), "backend": backend.name,
+                       "device": backend.device}
+            waited = uploads.submit(os.path.join(args.output_dir, name), pointer, io)
+            record["storage_wait_s"] = round(record["storage_wait_s"] + waited, 3)
 
-    return UploadCheckpoints()
+    return ShardEnd()
+
+
+def shared_exactly(ranks, view):
+    """The sequences each rank trained on, once it is checked that together they trained on
+    each sequence of the shard exactly once."""
+    served = ranks.gather(view.served)
+    together = sorted(position for positions in served for position in positions)
+    if together != list(range(len(view))):
+        raise RuntimeError(f"the {ranks.world} ranks trained on {len(together)} sequences "
+                           f"({len(set(together))} distinct) of a shard of {len(view)}")
+    return [len(positions) for positions in served]
+
+
+class Uploads:
+    """Checkpoint uploads in a background thread, one after the other: a checkpoint's files,
+    then latest.json pointing at it, then the older checkpoints go. Training waits only when
+    it saves a checkpoint before the previous one is uploaded."""
+
+    def __init__(self, bucket, prefix, directory):
+        self.bucket, self.prefix, self.directory = bucket, prefix, directory
+        self.pool, self.pending = ThreadPoolExecutor(1), None
+
+    def submit(self, local, pointer, io):
+        """Queue a checkpoint saved in `local`; the seconds spent waiting for the previous one."""
+        waited = self.wait()
+        # Hard links: the trainer may delete its copy (save_total_limit) while this one uploads.
+        staged = os.path.join(self.directory, pointer["checkpoint"])
+        shutil.copytree(local, staged, copy_function=os.link)
+        pointer = {**pointer, "shards_io": json.loads(json.dumps(io))}
+        self.pending = self.pool.submit(self.upload, staged, pointer)
+        return waited
+
+    def wait(self):
+        began = time.time()
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+        return time.time() - began
+
+    def finish(self):
+        waited = self.wait()
+        self.pool.shutdown()
+        return waited
+
+    def upload(self, staged, pointer):
+        name, bucket, prefix = pointer["checkpoint"], self.bucket, self.prefix
+        files = sorted(os.path.relpath(os.path.join(folder, file), staged)
+                       for folder, _, names in os.walk(staged) for file in names)
+        for file in files:
+            bucket.upload(os.path.join(staged, file), f"{prefix}/{name}/{file}")
+        bucket.put(f"{prefix}/{POINTER}", json.dumps({**pointer, "files": files}, indent=1).encode())
+        for old in bucket.fs.ls(bucket.path(prefix), detail=False):
+            if os.path.basename(old).startswith("checkpoint-") and os.path.basename(old) != name:
+                bucket.fs.rm(old, recursive=True)
+        shutil.rmtree(staged)
+        log(f"checkpoint {pointer['step']}/{pointer['total_steps']} saved to {bucket.url(prefix)}/{name}")
 
 
 # ---------------------------------------------------------------- outputs
@@ -617,7 +827,9 @@ def generate(model, tokenizer, prompt):
 
 
 def run_metrics(checkpoint, plan, pointer):
-    """Loss, learning rate and tokens/s of every logging step, and a summary of each shard."""
+    """Loss, learning rate and tokens/s of every logging step, and a summary of each shard:
+    its loss, the seconds training waited on storage (shard downloads, checkpoint uploads) and,
+    under DDP, the sequences each rank trained on."""
     with open(os.path.join(checkpoint, "trainer_state.json")) as f:
         state = json.load(f)
     keys = ("step", "shard", "loss", "learning_rate", "grad_norm", "tokens_per_second",
@@ -631,12 +843,13 @@ def run_metrics(checkpoint, plan, pointer):
         logged = [entry for entry in steps if start < entry["step"] <= end]
         shards.append({**shard, "first_step": start + 1, "last_step": end,
                        "partial": end < start + shard["steps"],
-                       "mean_loss": sum(e["loss"] for e in logged) / len(logged) if logged else None})
+                       "mean_loss": sum(e["loss"] for e in logged) / len(logged) if logged else None,
+                       **plan.get("shards_io", {}).get(str(index), {})})
     return {"steps": steps, "shards": shards, "total_steps": plan["total_steps"],
             "tokens_seen": state.get("num_input_tokens_seen"),
             "trained_tokens": sum(shard["trained_tokens"] or 0 for shard in shards),
             "training_seconds": pointer["seconds"], "backend": pointer["backend"],
-            "device": pointer["device"]}
+            "device": pointer["device"], "world_size": plan.get("world_size", 1)}
 
 
 def plot_loss(metrics, path):
