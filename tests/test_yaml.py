@@ -313,11 +313,16 @@ case "$1" in import-*) sleep 1;; esac
 if [ "$1" = "$FAIL" ]; then echo "end $1 failed" >> {log}; exit 3; fi
 echo "end $1" >> {log}
 """)
+    write_script(venv / "bin" / "torchrun", f"""echo "start torchrun $*" >> {log}
+echo "end torchrun" >> {log}
+""")
     (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:$PATH"\n')
 
-    def run(fail="", rank="0", nodes="1"):
+    def run(fail="", rank="0", nodes="1", gpus="1"):
         env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "VENV": str(venv),
-               "FAIL": fail, "SKYPILOT_NODE_RANK": rank, "SKYPILOT_NUM_NODES": nodes}
+               "FAIL": fail, "SKYPILOT_NODE_RANK": rank, "SKYPILOT_NUM_NODES": nodes,
+               "SKYPILOT_NUM_GPUS_PER_NODE": gpus, "SKYPILOT_NODE_IPS": "10.0.0.7\n10.0.0.8",
+               "MODEL_NAME": "m", "DATASET_NAME": "d"}
         result = subprocess.run(["bash", "-c", task("allatonce.yaml")["run"]], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=60)
         return result, log.read_text().splitlines() if log.exists() else []
@@ -350,13 +355,24 @@ def test_run_stops_at_the_first_failing_step(fake_steps, failing):
         assert "start pretokenize.py" not in lines
 
 
-def test_on_several_nodes_node_0_runs_every_step_alone(fake_steps, tmp_path):
-    result, lines = fake_steps(rank="1", nodes="2")
-    assert result.returncode == 0 and lines == []
-    result, lines = fake_steps(rank="0", nodes="2")
-    assert result.returncode == 0 and len(lines) == 8
-    assert set((tmp_path / "steps.log.nodes").read_text().splitlines()) == {
-        f"{step} on node 0 of 1" for step in STEPS}
+def test_on_several_nodes_node_0_imports_and_all_pretokenize_and_train_with_torchrun(fake_steps):
+    result, lines = fake_steps(rank="1", nodes="2", gpus="4")
+    assert result.returncode == 0, result.stderr
+    started = [line for line in lines if line.startswith("start")]
+    # `python -`: waiting for the imports, then for every node's shards
+    assert started[:4] == ["start -", "start -", "start pretokenize.py", "start -"]
+    assert started[4] == ("start torchrun --nnodes 2 --nproc-per-node 4 --node-rank 1 "
+                          "--master-addr 10.0.0.7 --master-port 29500 dotrain.py")
+    result, lines = fake_steps(rank="0", nodes="2", gpus="4")
+    started = [line for line in lines if line.startswith("start")][5:]
+    assert {started[0], started[1]} == {"start import-dataset.py", "start import-model.py"}
+    assert started[2:4] == ["start pretokenize.py", "start -"]
+    assert "--node-rank 0 " in started[4]
+
+
+def test_one_node_with_one_gpu_trains_without_torchrun(fake_steps):
+    result, lines = fake_steps(rank="0", nodes="1", gpus="1")
+    assert result.returncode == 0 and not any("torchrun" in line or "start -" in line for line in lines)
 
 
 # ---------------------------------------------------------------- the service's run block
