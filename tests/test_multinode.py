@@ -1,0 +1,91 @@
+"""allatonce.yaml's run block on two nodes at once (two bash processes on this machine, as
+SkyPilot runs it on each node), training with torchrun and DDP on the CPU (gloo)."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from conftest import ROOT, bucket_objects
+
+from demo import run as demo
+
+sys.path.insert(0, str(ROOT))
+DONE = f"done/{demo.MODEL_NAME}/{demo.DATASET_NAME}"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(env, tmp_path, nodes=2):
+    """The run block on every node at once; each node has its own disk (work and model cache)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(nodes):
+        node = {**env, "WORK_DIR": str(tmp_path / f"node{rank}" / "work"),
+                "MODEL_CACHE_DIR": str(tmp_path / f"node{rank}" / "model-cache"),
+                "SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NUM_NODES": str(nodes),
+                "SKYPILOT_NODE_IPS": "\n".join(["127.0.0.1"] * nodes),
+                "SKYPILOT_NUM_GPUS_PER_NODE": "1", "TRAIN_PORT": port}
+        procs.append(subprocess.Popen(["bash", "-c", demo.yaml.safe_load(demo.TASK.read_text())["run"]],
+                                      cwd=ROOT, env=node, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"node {rank}:\n{output[-6000:]}"
+    return outputs
+
+
+def test_two_nodes_share_the_work_train_each_sequence_once_and_a_rerun_writes_nothing(s3, proxy, tmp_path):
+    inputs = demo.make_inputs(tmp_path / "inputs", rows=150)
+    env = demo.demo_env(s3["AWS_ENDPOINT_URL_S3"], s3["BUCKET_NAME"], inputs, tmp_path,
+                        SHARD_SIZE="50", MAX_SEQ_LENGTH="128", GRAD_ACCUM="2", OMP_NUM_THREADS="1",
+                        WAIT_TIMEOUT="300")
+    outputs = start_nodes(env, tmp_path)
+    assert "node 1 of 2" in outputs[1]  # pretokenize gave node 1 its share
+
+    objects = bucket_objects(s3)
+    done = json.loads(objects[f"{DONE}/_manifest.json"])
+    assert done["complete"] and done["rows"] == 150
+    metrics = json.loads(objects[f"{DONE}/metrics.json"])
+    assert metrics["world_size"] == 2
+    for shard in metrics["shards"]:
+        # dotrain checked that the ranks' sequences were disjoint and covered the shard; here:
+        # both ranks trained, on all of it, in the planned number of steps
+        assert shard["sequences_before_resume"] == 0
+        assert sum(shard["sequences_by_rank"]) == shard["sequences"]
+        assert min(shard["sequences_by_rank"]) > 0
+        assert shard["steps"] == math.ceil(math.ceil(shard["sequences"] / 2 / 2) / 2)
+        assert shard["storage_wait_s"] >= 0
+    assert [entry["step"] for entry in metrics["steps"]] == list(range(1, done["total_steps"] + 1))
+
+    from transformers import AutoModelForCausalLM
+
+    fused = demo.copy_fused(s3["AWS_ENDPOINT_URL_S3"], s3["BUCKET_NAME"], tmp_path / "fused")
+    model = AutoModelForCausalLM.from_pretrained(fused)
+    assert model(input_ids=__import__("torch").tensor([[1, 2, 3]])).logits.isfinite().all()
+
+    start_nodes({**env, "AWS_ENDPOINT_URL_S3": proxy.url}, tmp_path)
+    assert proxy.writes() == []
+    assert bucket_objects(s3) == objects
+
+
+def test_the_ranks_share_a_shard_in_batches_once_and_make_the_planned_steps():
+    import dotrain
+
+    settings = SimpleNamespace(batch_size=2, grad_accum=3)
+    for world in (1, 2, 3):
+        for sequences in (1, 2, 5, 6, 7, 13, 40):
+            batches = [dotrain.rank_batches(sequences, settings.batch_size, dotrain.Ranks(rank, 0, world))
+                       for rank in range(world)]
+            served = [index for mine in batches for batch in mine for index in batch if index < sequences]
+            assert sorted(served) == list(range(sequences))  # each once
+            assert all(len(batch) <= settings.batch_size for mine in batches for batch in mine)
+            assert len({len(mine) for mine in batches}) == 1  # the same steps on every rank
+            assert math.ceil(len(batches[0]) / settings.grad_accum) == dotrain.optimizer_steps(
+                sequences, settings, world)
