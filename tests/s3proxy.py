@@ -21,7 +21,9 @@ ERROR_BODY = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
 
 
 class S3Proxy:
-    def __init__(self, upstream_port, fault_rate=0.0, seed=0, stall_seconds=0.0):
+    def __init__(self, upstream_port, fault_rate=0.0, seed=0, stall_seconds=0.0, key_id=None):
+        """key_id: the only access key id accepted (others get 403 InvalidAccessKeyId, as a
+        real store answers; the local server accepts any key)."""
         proxy = self
         self.requests = []  # (method, path) of every request that reached the server
         self.faults = []  # (fault, method, path) of every injected fault
@@ -75,8 +77,25 @@ class S3Proxy:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _wrong_key(self):
+                authorization = self.headers.get("Authorization", "")
+                given = authorization.split("Credential=", 1)[1].split("/", 1)[0] \
+                    if "Credential=" in authorization else None
+                if key_id is None or given == key_id:
+                    return False
+                body = ERROR_BODY.format(code="InvalidAccessKeyId").encode()
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                return True
+
             def _forward(self):
                 body = self._body()
+                if self._wrong_key():
+                    return
                 fault = self._fault()
                 if fault:
                     return self._inject(fault)
