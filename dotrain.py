@@ -199,7 +199,8 @@ class Work:
         self.trainer = os.path.join(self.root, "trainer")
         self.uploads = os.path.join(self.root, "uploads")
         self.export = os.path.join(mine, "export")
-        for path in (self.shards, self.trainer, self.uploads, self.export):  # a killed run's
+        shared = (self.trainer, self.uploads) if ranks.local_rank == 0 else ()
+        for path in (self.shards, self.export, *shared):  # a killed run's leftovers
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path)
 
@@ -314,6 +315,17 @@ def shard_trainer_class(backend, ranks=Ranks()):
             return transformers.Trainer.compute_loss(self, model, {**inputs, "use_cache": False},
                                                      return_outputs, num_items_in_batch)
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            if checkpoint is None or ranks.world == 1 or backend.device != "cpu":
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            # transformers maps a DDP run's optimizer state to args.device, which is "cpu:0" on
+            # CPUs, a location torch.load does not know.
+            import torch
+
+            for name, part in (("optimizer.pt", self.optimizer), ("scheduler.pt", self.lr_scheduler)):
+                part.load_state_dict(torch.load(os.path.join(checkpoint, name), map_location="cpu",
+                                                weights_only=True))
+
         def _get_train_sampler(self, train_dataset=None):
             if ranks.world == 1:
                 return super()._get_train_sampler(train_dataset)
@@ -370,6 +382,7 @@ def make_trainer(settings, backend, model, tokenizer, dataset, work, max_steps, 
 
     config = SFTConfig(
         output_dir=work.trainer, report_to="none", seed=settings.seed,
+        use_cpu=backend.device == "cpu",  # (without it, processes on CPUs would not form a DDP group)
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
         lr_scheduler_type="linear", warmup_steps=settings.warmup_steps,
@@ -607,7 +620,7 @@ def shard_callback(uploads, ranks, plan, shard_end, whole, seconds, backend, io,
                 return
             control.should_save = control.should_training_stop = True
             if ranks.world > 1 and whole:
-                record.update(sequences_by_rank=shared_exactly(ranks, sequences),
+                record.update(sequences_by_rank=shared_exactly(ranks, sequences, kwargs["model"]),
                               sequences_before_resume=done)
 
         def on_save(self, args, state, control, **kwargs):
@@ -625,14 +638,22 @@ def shard_callback(uploads, ranks, plan, shard_end, whole, seconds, backend, io,
     return ShardEnd()
 
 
-def shared_exactly(ranks, view):
+def shared_exactly(ranks, view, model):
     """The sequences each rank trained on, once it is checked that together they trained on
-    each sequence of the shard exactly once."""
-    served = ranks.gather(view.served)
+    each sequence of the shard exactly once, and that their copies of the adapter are still
+    the same (DDP averaged their gradients)."""
+    import torch
+
+    with torch.no_grad():
+        weights = sum(p.double().sum().item() for p in model.parameters() if p.requires_grad)
+    served, weights = zip(*ranks.gather((view.served, weights)))
     together = sorted(position for positions in served for position in positions)
     if together != list(range(len(view))):
         raise RuntimeError(f"the {ranks.world} ranks trained on {len(together)} sequences "
                            f"({len(set(together))} distinct) of a shard of {len(view)}")
+    if max(weights) - min(weights) > 1e-6 * max(abs(w) for w in weights):
+        raise RuntimeError(f"the ranks' adapters differ (sums of their weights: {weights}): "
+                           "their gradients were not averaged")
     return [len(positions) for positions in served]
 
 
