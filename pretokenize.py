@@ -57,9 +57,10 @@ def main():
                                     "import-dataset.py")
     model = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
-    inputs = {"step": "model-ready/1", "standardized": fingerprint(standardized),
-              "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
-              "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length}
+    inputs = json.loads(json.dumps({  # as it reads back from the markers and the manifest
+        "step": "model-ready/1", "standardized": fingerprint(standardized),
+        "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
+        "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length}))
     if finished(bucket, prefix, inputs, settings.force):
         return
     count = len(standardized["shards"])
@@ -120,7 +121,7 @@ def shard_done(bucket, prefix, index, inputs):
     marker = read_marker(bucket, prefix, index)
     if marker is None:
         return False
-    if marker["inputs"] != json.loads(json.dumps(inputs)):
+    if marker["inputs"] != inputs:
         old, new = marker["inputs"], inputs
         changed = ", ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}"
                             for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
@@ -132,7 +133,7 @@ def shard_done(bucket, prefix, index, inputs):
 def write_manifest_if_all_done(bucket, prefix, inputs, count):
     """The node that finds every shard finished writes the manifest; one write wins."""
     markers = [read_marker(bucket, prefix, index) for index in range(count)]
-    done = [m for m in markers if m is not None and m["inputs"] == json.loads(json.dumps(inputs))]
+    done = [m for m in markers if m is not None and m["inputs"] == inputs]
     if len(done) < count:
         log(f"{len(done)} of {count} shards finished: the node that finishes the last one "
             "writes the manifest")
@@ -140,6 +141,9 @@ def write_manifest_if_all_done(bucket, prefix, inputs, count):
     shards = [{k: v for k, v in marker.items() if k != "inputs"} for marker in done]
     totals = {key: sum(shard[key] for shard in shards)
               for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped")}
+    if totals["rows"] == 0:
+        raise UserError(f"every row was dropped (the reasons are in {bucket.url(prefix)}/_dropped/): "
+                        "raise MAX_SEQ_LENGTH, or check the chat template with CHAT_TEMPLATE")
     manifest = {"complete": True, "inputs": inputs, "shards": shards, **totals,
                 "max_seq_length": inputs["max_seq_length"]}
     try:
@@ -175,7 +179,7 @@ def pretokenize_shard(bucket, prefix, dataset_name, index, labeller, inputs):
                 dropped_list.write(json.dumps({"source_row": int(source_row),
                                                "reason": reason}).encode() + b"\n")
                 stats["dropped_reasons"][reason] = stats["dropped_reasons"].get(reason, 0) + 1
-            stats["rows"] += len(rows.columns["source_row"])
+            stats["rows"] += len(rows.source_rows)
             stats["tokens"] += rows.tokens
             stats["trained_tokens"] += rows.trained_tokens
             stats["truncated"] += rows.truncated
