@@ -197,6 +197,8 @@ def test_killed_run_resumes_to_the_same_end_and_outputs_load(s3, proxy, inputs, 
     for shard in done["shards"]:
         assert shard["steps"] == math.ceil(math.ceil(shard["sequences"] / 2) / 2)
         assert shard["cut_tokens"] == 0
+    # What training waited on storage, by shard: shard downloads, checkpoint uploads.
+    assert all(shard["storage_wait_s"] >= 0 for shard in metrics["shards"])
     losses = [entry["loss"] for entry in metrics["steps"]]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
     objects = bucket_objects(s3)
