@@ -1,19 +1,24 @@
 """allatonce.yaml's run block on two nodes at once (two bash processes on this machine, as
 SkyPilot runs it on each node), training with torchrun and DDP on the CPU (gloo)."""
 
+import contextlib
 import json
 import math
+import os
+import signal
 import socket
 import subprocess
-import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
-from conftest import ROOT, bucket_objects
+import boto3
+from conftest import FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects
 
 from demo import run as demo
 
-sys.path.insert(0, str(ROOT))
 DONE = f"done/{demo.MODEL_NAME}/{demo.DATASET_NAME}"
+POINTER = f"checkpoints/{demo.MODEL_NAME}/{demo.DATASET_NAME}/latest.json"
 
 
 def free_port():
@@ -23,7 +28,16 @@ def free_port():
 
 
 def start_nodes(env, tmp_path, nodes=2):
-    """The run block on every node at once; each node has its own disk (work and model cache)."""
+    """The run block on every node at once, to its end; each node has its own disk (work and
+    model cache). Their outputs."""
+    procs = launch_nodes(env, tmp_path, nodes)
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"node {rank}:\n{output[-6000:]}"
+    return outputs
+
+
+def launch_nodes(env, tmp_path, nodes):
     port = str(free_port())
     procs = []
     for rank in range(nodes):
@@ -35,30 +49,72 @@ def start_nodes(env, tmp_path, nodes=2):
         procs.append(subprocess.Popen(["bash", "-c", demo.yaml.safe_load(demo.TASK.read_text())["run"]],
                                       cwd=ROOT, env=node, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
-    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"node {rank}:\n{output[-6000:]}"
-    return outputs
+    return procs
 
 
-def test_two_nodes_share_the_work_train_each_sequence_once_and_a_rerun_writes_nothing(s3, proxy, tmp_path):
+def kill_nodes_when(env, tmp_path, condition, nodes=2):
+    """Start every node, SIGKILL each one's processes (torchrun's workers too) as soon as
+    latest.json satisfies `condition`; the pointer they were killed at, and their outputs."""
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+    procs = launch_nodes(env, tmp_path, nodes)
+    deadline = time.time() + 600
+    while time.time() < deadline and all(proc.poll() is None for proc in procs):
+        try:
+            pointer = json.loads(client.get_object(Bucket=TEST_BUCKET, Key=POINTER)["Body"].read())
+        except client.exceptions.NoSuchKey:
+            pointer = None
+        if pointer and condition(pointer):
+            for proc in procs:
+                for pid in [*descendants(proc.pid), proc.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            return pointer, [proc.communicate()[0] for proc in procs]
+        time.sleep(0.2)
+    raise AssertionError("the nodes finished (or hung) before the condition: "
+                         + "".join((proc.communicate()[0] or "")[-3000:] for proc in procs))
+
+
+def descendants(pid):
+    """Every process under pid (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_writes_nothing(
+        s3, proxy, tmp_path):
     inputs = demo.make_inputs(tmp_path / "inputs", rows=150)
     env = demo.demo_env(s3["AWS_ENDPOINT_URL_S3"], s3["BUCKET_NAME"], inputs, tmp_path,
                         SHARD_SIZE="50", MAX_SEQ_LENGTH="128", GRAD_ACCUM="2", OMP_NUM_THREADS="1",
-                        WAIT_TIMEOUT="300")
-    outputs = start_nodes(env, tmp_path)
+                        WAIT_TIMEOUT="300", SAVE_STEPS="1")
+    # Both nodes killed inside the second shard, then launched again: they resume there.
+    killed_at, outputs = kill_nodes_when(env, tmp_path, lambda pointer: pointer["shard"] == 1
+                                         and pointer["steps_into_shard"] > 0)
     assert "node 1 of 2" in outputs[1]  # pretokenize gave node 1 its share
+    outputs = start_nodes(env, tmp_path)
+    assert f"resuming at step {killed_at['step']}: shard 1" in outputs[0]
 
     objects = bucket_objects(s3)
     done = json.loads(objects[f"{DONE}/_manifest.json"])
     assert done["complete"] and done["rows"] == 150
     metrics = json.loads(objects[f"{DONE}/metrics.json"])
     assert metrics["world_size"] == 2
-    for shard in metrics["shards"]:
-        # dotrain checked that the ranks' sequences were disjoint and covered the shard; here:
-        # both ranks trained, on all of it, in the planned number of steps
-        assert shard["sequences_before_resume"] == 0
-        assert sum(shard["sequences_by_rank"]) == shard["sequences"]
+    for index, shard in enumerate(metrics["shards"]):
+        # dotrain checked that the ranks' sequences were disjoint and covered the shard (what
+        # the resumed run had left of it); here: both ranks trained, on all of it, in the
+        # planned number of steps
+        resumed = killed_at["steps_into_shard"] * 2 * 2 * 2 if index == 1 else 0
+        assert shard["sequences_before_resume"] == resumed
+        assert sum(shard["sequences_by_rank"]) + resumed == shard["sequences"]
         assert min(shard["sequences_by_rank"]) > 0
         assert shard["steps"] == math.ceil(math.ceil(shard["sequences"] / 2 / 2) / 2)
         assert shard["storage_wait_s"] >= 0
@@ -66,11 +122,12 @@ def test_two_nodes_share_the_work_train_each_sequence_once_and_a_rerun_writes_no
     assert any(math.ceil(shard["sequences"] / 2) % 2 for shard in metrics["shards"])
     assert [entry["step"] for entry in metrics["steps"]] == list(range(1, done["total_steps"] + 1))
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     fused = demo.copy_fused(s3["AWS_ENDPOINT_URL_S3"], s3["BUCKET_NAME"], tmp_path / "fused")
     model = AutoModelForCausalLM.from_pretrained(fused)
-    assert model(input_ids=__import__("torch").tensor([[1, 2, 3]])).logits.isfinite().all()
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
     start_nodes({**env, "AWS_ENDPOINT_URL_S3": proxy.url}, tmp_path)
     assert proxy.writes() == []
