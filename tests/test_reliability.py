@@ -246,3 +246,41 @@ def test_each_step_launched_twice_at_once_makes_the_outputs_of_one_run(world):
     got = objects_under(world.s3, "twice")
     assert data_outputs(got) == data_outputs(world.ref)
     assert open_uploads(world.s3, "twice/") == []
+
+
+def test_a_manifest_never_moves_backwards(s3, monkeypatch):
+    """Two writers of one manifest, each conditional on what it last saw (If-Match on the real
+    server): a slower one never replaces a manifest that is further along, and one that is
+    further along replaces a manifest that is not."""
+    from types import SimpleNamespace
+
+    from common import UserError, open_bucket, read_manifest, write_manifest
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    settings = SimpleNamespace(bucket_name=TEST_BUCKET, aws_endpoint_url_s3=s3["AWS_ENDPOINT_URL_S3"],
+                               aws_region="auto", s3_timeout=10)
+    fast, slow = open_bucket(settings), open_bucket(settings)
+    inputs = {"step": "test/1"}
+
+    def manifest(shards, complete=False):
+        return {"complete": complete, "inputs": inputs, "rows": shards,
+                "shards": [{"path": f"shard-{i}", "rows": 1} for i in range(shards)]}
+
+    assert read_manifest(fast, "out") is None and read_manifest(slow, "out") is None
+    write_manifest(fast, "out", manifest(1))
+    write_manifest(fast, "out", manifest(2, complete=True))
+    assert write_manifest(slow, "out", manifest(1)) == manifest(2, complete=True)
+    assert read_manifest(fast, "out") == manifest(2, complete=True)
+    # What a retried PUT whose first attempt did land finds: its own manifest, kept.
+    assert write_manifest(slow, "out", manifest(2, complete=True)) == manifest(2, complete=True)
+
+    write_manifest(fast, "other", manifest(1))
+    assert write_manifest(slow, "other", manifest(2)) == manifest(2)  # further: written over
+    assert read_manifest(fast, "other") == manifest(2)
+
+    stranger = open_bucket(settings)
+    read_manifest(stranger, "out")
+    write_manifest(fast, "out", manifest(3, complete=True))
+    with pytest.raises(UserError, match="another run with other settings"):
+        write_manifest(stranger, "out", {**manifest(1), "inputs": {"step": "test/2"}})
