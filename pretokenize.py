@@ -63,9 +63,11 @@ def main():
         "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length}))
     if finished(bucket, prefix, inputs, settings.force):
         return
-    count = len(standardized["shards"])
-    mine = range(settings.skypilot_node_rank, count, settings.skypilot_num_nodes)
-    todo = [index for index in mine if settings.force or not shard_done(bucket, prefix, index, inputs)]
+    sources = [f"{standardized_prefix(settings.dataset_name)}/{shard['path']}"
+               for shard in standardized["shards"]]
+    mine = range(settings.skypilot_node_rank, len(sources), settings.skypilot_num_nodes)
+    todo = [index for index in mine
+            if settings.force or not shard_done(bucket, prefix, index, inputs)]
     log(f"node {settings.skypilot_node_rank} of {settings.skypilot_num_nodes}: {len(todo)} of "
         f"{len(mine)} shards to tokenize")
     if todo:
@@ -73,8 +75,8 @@ def main():
         labeller = Labeller(load_tokenizer(model_dir, settings.chat_template),
                             settings.max_seq_length)
         for index in todo:
-            pretokenize_shard(bucket, prefix, settings.dataset_name, index, labeller, inputs)
-    write_manifest_if_all_done(bucket, prefix, inputs, count)
+            pretokenize_shard(bucket, sources[index], prefix, index, labeller, inputs)
+    write_manifest_if_all_done(bucket, prefix, inputs, len(sources))
 
 
 def use_cores(num_proc):
@@ -142,8 +144,8 @@ def write_manifest_if_all_done(bucket, prefix, inputs, count):
     totals = {key: sum(shard[key] for shard in shards)
               for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped")}
     if totals["rows"] == 0:
-        raise UserError(f"every row was dropped (the reasons are in {bucket.url(prefix)}/_dropped/): "
-                        "raise MAX_SEQ_LENGTH, or check the chat template with CHAT_TEMPLATE")
+        raise UserError(f"every row was dropped (the reasons are in {bucket.url(prefix)}/"
+                        "_dropped/): raise MAX_SEQ_LENGTH, or check the chat template")
     manifest = {"complete": True, "inputs": inputs, "shards": shards, **totals,
                 "max_seq_length": inputs["max_seq_length"]}
     try:
@@ -159,8 +161,8 @@ def write_manifest_if_all_done(bucket, prefix, inputs, count):
 # ---------------------------------------------------------------- a shard
 
 
-def pretokenize_shard(bucket, prefix, dataset_name, index, labeller, inputs):
-    """Tokenize one standardized shard into the model-ready shard of the same number."""
+def pretokenize_shard(bucket, source, prefix, index, labeller, inputs):
+    """Tokenize the standardized shard `source` into the model-ready shard number `index`."""
     import pyarrow as pa
 
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
@@ -168,10 +170,10 @@ def pretokenize_shard(bucket, prefix, dataset_name, index, labeller, inputs):
     stats = {"path": shard_name(index), "dropped_list": f"_dropped/{shard_name(index, 'jsonl')}",
              "rows": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0, "dropped": 0,
              "dropped_reasons": {}}
-    source = f"{standardized_prefix(dataset_name)}/{shard_name(index)}"
     with parquet_writer(bucket, f"{prefix}/{stats['path']}", schema) as writer, \
             bucket.writer(f"{prefix}/{stats['dropped_list']}") as dropped_list:
-        batches = ((batch.column("conversations").to_pylist(), batch.column("source_row").to_numpy())
+        batches = ((batch.column("conversations").to_pylist(),
+                    batch.column("source_row").to_numpy())
                    for batch in read_parquet_batches(bucket, source, BATCH_ROWS))
         for rows in labeller.pipeline(batches):
             writer.write_table(pa.table(rows.columns, schema=schema))

@@ -127,8 +127,8 @@ def test_answer_after_leading_whitespace_is_trained_whole(tiny_tokenizer):
     conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "\n\nA list:"}]
     rows = pretokenize.Labeller(tokenizer, 10_000)([conversation], [0])
     (run,) = trained_runs(rows.ids[0], rows.labels[0])
-    trained = tokenizer.decode(run)
-    assert trained.endswith("\n\nA list:<|im_end|>") and not trained[:-len("\n\nA list:<|im_end|>")].strip()
+    trained, expected = tokenizer.decode(run), "\n\nA list:<|im_end|>"
+    assert trained.endswith(expected) and not trained[:-len(expected)].strip()
 
 
 def test_truncation_is_counted_and_rows_without_answer_tokens_dropped(tiny_tokenizer):
@@ -169,8 +169,9 @@ def imported(tmp_path_factory):
     rows = synthetic.conversations(220, seed=5)
     rows[3]["conversations"].insert(0, {"from": "system", "value": "Rule. " * 100})  # dropped
     rows[10]["conversations"][-1]["value"] = "Long answer. " * 60  # truncated
-    rows += [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(t["role"], t["role"]),
-                                 "value": t["content"]} for t in c]} for c in EDGE_CASES]
+    sharegpt_roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    rows += [{"conversations": [{"from": sharegpt_roles[m["role"]], "value": m["content"]}
+                                for m in conversation]} for conversation in EDGE_CASES]
     (work / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = work / "model"
     shutil.copytree(fixture_path("tokenizers", "qwen2.5-0.5b"), model)
@@ -188,8 +189,9 @@ def imported(tmp_path_factory):
 
 
 def step_env(env, tmp_path, **settings):
-    return {**env, "MODEL_NAME": MODEL, "DATASET_NAME": DATASET, "MODEL_CACHE_DIR": str(tmp_path / "cache"),
-            "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH), **settings}
+    return {**env, "MODEL_NAME": MODEL, "DATASET_NAME": DATASET,
+            "MODEL_CACHE_DIR": str(tmp_path / "cache"), "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH),
+            **settings}
 
 
 def upload_tree(root, env):
