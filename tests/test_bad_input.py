@@ -2,7 +2,6 @@
 never leave the process: not in output, not in objects, not in local files."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -11,7 +11,6 @@ import base64
 import json
 import random
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
