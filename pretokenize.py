@@ -20,8 +20,8 @@ on its own, so a rerun continues where it stopped and a finished run writes noth
 import json
 import os
 
-from common import (MODEL_CACHE_SETTING, Conflict, Setting, UserError, CHATML_TEMPLATE,
-                    download_model, fingerprint, log, model_fingerprint, model_prefix,
+from common import (CHATML_TEMPLATE, MODEL_CACHE_SETTING, Conflict, Setting, UserError,
+                    abort_stale_uploads, download_model, fingerprint, log, model_fingerprint, model_prefix,
                     model_ready_prefix, open_bucket, parquet_writer, parse_settings,
                     read_manifest, read_parquet_batches, require_complete, resume_or_start, run,
                     shard_name, short, standardized_prefix, write_manifest)
@@ -68,6 +68,8 @@ def main():
     mine = range(settings.skypilot_node_rank, len(sources), settings.skypilot_num_nodes)
     todo = [index for index in mine
             if settings.force or not shard_done(bucket, prefix, index, inputs)]
+    my_objects = {name for index in mine for name in (shard_name(index), dropped_list_name(index))}
+    abort_stale_uploads(bucket, prefix, lambda name: name in my_objects)
     log(f"node {settings.skypilot_node_rank} of {settings.skypilot_num_nodes}: {len(todo)} of "
         f"{len(mine)} shards to tokenize")
     if todo:
@@ -107,6 +109,10 @@ def finished(bucket, prefix, inputs, force):
             "tokens): nothing to do")
         return True
     return False
+
+
+def dropped_list_name(index):
+    return f"_dropped/{shard_name(index, 'jsonl')}"
 
 
 def marker_key(prefix, index):
@@ -167,7 +173,7 @@ def pretokenize_shard(bucket, source, prefix, index, labeller, inputs):
 
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                         ("source_row", pa.int64())])
-    stats = {"path": shard_name(index), "dropped_list": f"_dropped/{shard_name(index, 'jsonl')}",
+    stats = {"path": shard_name(index), "dropped_list": dropped_list_name(index),
              "rows": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0, "dropped": 0,
              "dropped_reasons": {}}
     with parquet_writer(bucket, f"{prefix}/{stats['path']}", schema) as writer, \

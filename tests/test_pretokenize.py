@@ -200,6 +200,7 @@ def upload_tree(root, env):
     for path in root.rglob("*"):
         if path.is_file() and not path.name.startswith("."):
             client.upload_file(str(path), TEST_BUCKET, str(path.relative_to(root)))
+    return client
 
 
 def read_rows(objects, prefix):
@@ -211,12 +212,15 @@ def read_rows(objects, prefix):
     return rows
 
 
-def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, proxy, tmp_path):
-    upload_tree(imported, proxy.env)
-    env = step_env(proxy.env, tmp_path)
-    result = run_step("pretokenize.py", env)
+def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, proxy, tmp_path):
+    client = upload_tree(imported, s3)
+    # As if a run was killed while uploading a shard: its unfinished upload is aborted.
+    client.create_multipart_upload(Bucket=TEST_BUCKET, Key=f"{PREFIX}/shard-00001.parquet")
+    result = run_step("pretokenize.py", step_env(s3, tmp_path))
     assert FAKE_SECRET not in result.stdout + result.stderr
+    assert "Uploads" not in client.list_multipart_uploads(Bucket=TEST_BUCKET)
 
+    env = step_env(proxy.env, tmp_path)  # the same bucket, through a proxy counting requests
     objects = bucket_objects(env)
     manifest = json.loads(objects[f"{PREFIX}/_manifest.json"])
     conversations = {r["source_row"]: r["conversations"] for r in
