@@ -372,12 +372,18 @@ class Bucket:
         f.close()
 
     def upload(self, local_path, key):
-        """Stream a local file into an object (s3fs multipart); it appears whole or not at all."""
+        """Stream a local file into an object; it appears whole or not at all.
+
+        boto3's transfer manager sends the parts of a large file in parallel: twice as fast
+        as s3fs's put_file (bench/transfer.py), as fast as `aws s3 sync`."""
         if self.is_local:
             with open(local_path, "rb") as source, self.writer(key) as f:
                 shutil.copyfileobj(source, f, 8 * 2**20)
             return
-        self.fs.put_file(local_path, self.path(key))
+        from boto3.s3.transfer import TransferConfig
+
+        self.client.upload_file(local_path, self.name, self.key_of(key), Config=TransferConfig(
+            multipart_chunksize=8 * 2**20, max_concurrency=4))
 
     def download(self, key, local_path):
         self.fs.get_file(self.path(key), local_path)

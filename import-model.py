@@ -17,7 +17,6 @@ import resumes with the files not yet listed; a finished one writes nothing.
 import contextlib
 import fnmatch
 import os
-import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -200,8 +199,7 @@ def copy_file(bucket, key, source, name, scratch):
     local = source.fetch(name, scratch)
     try:
         size, sha256 = os.path.getsize(local), sha256_file(local)
-        with open(local, "rb") as f, bucket.writer(key) as out:
-            shutil.copyfileobj(f, out, 8 * 2**20)
+        bucket.upload(local, key)
     finally:
         source.release(local)
     stored = bucket.fs.size(bucket.path(key))
