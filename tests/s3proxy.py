@@ -108,8 +108,9 @@ class S3Proxy:
                 response = upstream.getresponse()
                 data = response.read()
                 self.send_response(response.status, response.reason)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "content-length", "connection"):
+                for key, value in response.getheaders():  # send_response wrote Date, Server
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection",
+                                           "date", "server"):
                         self.send_header(key, value)
                 # A HEAD response has no body but tells the object's length.
                 self.send_header("Content-Length", response.getheader("Content-Length", "0")
