@@ -401,6 +401,30 @@ def open_bucket(settings):
     return bucket
 
 
+@contextlib.contextmanager
+def hub_errors(kind, repo_id, revision):
+    """Turn what the Hugging Face Hub raises about a dataset or model into one line."""
+    from huggingface_hub import errors
+
+    setting = kind.upper()
+    try:
+        yield
+    except UserError:
+        raise
+    except errors.GatedRepoError:
+        raise UserError(f"{kind} {repo_id} is gated: accept its terms on the Hub and set "
+                        "HF_TOKEN") from None
+    except errors.RevisionNotFoundError:
+        raise UserError(f"{kind} {repo_id} has no revision {revision!r}: fix {setting}_REVISION") \
+            from None
+    except errors.RepositoryNotFoundError:
+        raise UserError(f"{kind} {repo_id} not found on the Hugging Face Hub (private? set "
+                        f"HF_TOKEN): fix {setting}_SOURCE or {setting}_NAME") from None
+    except Exception as e:  # noqa: BLE001 - offline, DNS, TLS, HTTP: all mean "cannot ask"
+        raise UserError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}): "
+                        f"check the network, or use local files with {setting}_SOURCE") from None
+
+
 # ---------------------------------------------------------------- bucket contract
 
 

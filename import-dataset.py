@@ -15,9 +15,10 @@ import os
 
 os.environ.setdefault("USE_TORCH", "0")  # datasets would import torch (250 MB) for nothing here
 
-from common import (Setting, UserError, abort_stale_uploads, fingerprint, log, open_bucket,
-                    parquet_writer, parse_settings, raw_prefix, read_manifest, read_parquet_batches,
-                    resume_or_start, run, shard_name, standardized_prefix, write_manifest)
+from common import (Setting, UserError, abort_stale_uploads, fingerprint, hub_errors, log,
+                    open_bucket, parquet_writer, parse_settings, raw_prefix, read_manifest,
+                    read_parquet_batches, resume_or_start, run, shard_name, standardized_prefix,
+                    write_manifest)
 
 SETTINGS = [
     Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
@@ -110,23 +111,10 @@ class Source:
 
 def resolve_hub_revision(repo_id, revision):
     from huggingface_hub import HfApi
-    from huggingface_hub import errors as hub_errors
 
-    try:
+    with hub_errors("dataset", repo_id, revision):
         return HfApi(token=os.environ.get("HF_TOKEN") or None).dataset_info(
             repo_id, revision=revision).sha
-    except hub_errors.GatedRepoError:
-        raise UserError(f"dataset {repo_id} is gated: accept its terms on the Hub and set "
-                        "HF_TOKEN") from None
-    except hub_errors.RevisionNotFoundError:
-        raise UserError(f"dataset {repo_id} has no revision {revision!r}: fix DATASET_REVISION") \
-            from None
-    except hub_errors.RepositoryNotFoundError:
-        raise UserError(f"dataset {repo_id} not found on the Hugging Face Hub (private? set "
-                        "HF_TOKEN): fix DATASET_SOURCE or DATASET_NAME") from None
-    except Exception as e:  # noqa: BLE001 - offline, DNS, TLS, HTTP: all mean "cannot ask"
-        raise UserError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}): "
-                        "check the network, or import from files with DATASET_SOURCE") from None
 
 
 def _has_ext(path):

@@ -14,14 +14,13 @@ is listed only once its upload completed and the object's size was checked. A ki
 import resumes with the files not yet listed; a finished one writes nothing.
 """
 
-import contextlib
 import fnmatch
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from common import (Setting, UserError, abort_stale_uploads, log, model_prefix, open_bucket,
-                    parse_settings, read_manifest, resume_or_start, run, sha256_file,
+from common import (Setting, UserError, abort_stale_uploads, hub_errors, log, model_prefix,
+                    open_bucket, parse_settings, read_manifest, resume_or_start, run, sha256_file,
                     write_manifest)
 
 SETTINGS = [
@@ -88,7 +87,7 @@ class Source:
         if revision is None and previous.get("source") == self.name and previous.get("revision"):
             revision = previous["revision"]
         elif revision is None or len(revision) != 40:
-            with hub_errors(self.name, revision):
+            with hub_errors("model", self.name, revision):
                 from huggingface_hub import HfApi
 
                 revision = HfApi(token=self.token).model_info(self.name, revision=revision).sha
@@ -102,7 +101,7 @@ class Source:
         from huggingface_hub import HfApi
         from huggingface_hub.hf_api import RepoFile
 
-        with hub_errors(self.name, self.inputs["revision"]):
+        with hub_errors("model", self.name, self.inputs["revision"]):
             tree = HfApi(token=self.token).list_repo_tree(self.name,
                                                           revision=self.inputs["revision"])
             return {item.path: item.size for item in tree if isinstance(item, RepoFile)}
@@ -113,37 +112,13 @@ class Source:
             return os.path.join(self.directory, name)
         from huggingface_hub import hf_hub_download
 
-        with hub_errors(self.name, self.inputs["revision"]):
+        with hub_errors("model", self.name, self.inputs["revision"]):
             return hf_hub_download(self.name, name, revision=self.inputs["revision"],
                                    token=self.token, local_dir=scratch)
 
     def release(self, path):
         if self.directory is None:
             os.remove(path)
-
-
-@contextlib.contextmanager
-def hub_errors(repo_id, revision):
-    """Turn what the Hub raises into one line saying what to do."""
-    from huggingface_hub import errors
-
-    try:
-        yield
-    except UserError:
-        raise
-    except errors.GatedRepoError:
-        raise UserError(f"model {repo_id} is gated: accept its terms on the Hub and set "
-                        "HF_TOKEN") from None
-    except errors.RevisionNotFoundError:
-        raise UserError(f"model {repo_id} has no revision {revision!r}: fix MODEL_REVISION") \
-            from None
-    except errors.RepositoryNotFoundError:
-        raise UserError(f"model {repo_id} not found on the Hugging Face Hub (private? set "
-                        "HF_TOKEN): fix MODEL_SOURCE or MODEL_NAME") from None
-    except Exception as e:  # noqa: BLE001 - offline, DNS, TLS, HTTP: all mean "cannot ask"
-        raise UserError(f"cannot reach the Hugging Face Hub for {repo_id} ({type(e).__name__}): "
-                        "check the network, or copy from a local directory with MODEL_SOURCE") \
-            from None
 
 
 def select_files(files, allow_pickle, source_name):

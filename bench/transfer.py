@@ -17,7 +17,6 @@ bench/results/transfer.json.
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
