@@ -25,10 +25,40 @@ def fixture_path(*parts):
     return path
 
 
+def date_multipart_uploads():
+    """moto lists every multipart upload as begun on one fixed day in 2010; a real server
+    (and abort_stale_uploads, which tells a killed run's uploads from a live twin's) reports
+    when each began. Make this in-process moto server do the same."""
+    import re
+    from datetime import datetime, timezone
+
+    from moto.s3 import models, responses
+
+    began = {}
+    create, listing = models.FakeMultipart.__init__, responses.S3Response.list_multipart_uploads
+
+    def create_and_date(self, *args, **kwargs):
+        create(self, *args, **kwargs)
+        began[self.id] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+    def list_with_dates(self):
+        status, headers, body = listing(self)
+        text = body.decode() if isinstance(body, bytes) else body
+        text = re.sub(r"<UploadId>([^<]+)</UploadId>(.*?)<Initiated>[^<]*</Initiated>",
+                      lambda m: f"<UploadId>{m[1]}</UploadId>{m[2]}<Initiated>"
+                                f"{began.get(m[1], '2010-11-10T20:48:33.000Z')}</Initiated>",
+                      text, flags=re.S)
+        return status, headers, text.encode() if isinstance(body, bytes) else text
+
+    models.FakeMultipart.__init__ = create_and_date
+    responses.S3Response.list_multipart_uploads = list_with_dates
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     from moto.server import ThreadedMotoServer
 
+    date_multipart_uploads()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     _, port = server.get_host_and_port()

@@ -216,6 +216,7 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     client = upload_tree(imported, s3)
     # As if a run was killed while uploading a shard: its unfinished upload is aborted.
     client.create_multipart_upload(Bucket=TEST_BUCKET, Key=f"{PREFIX}/shard-00001.parquet")
+    time.sleep(1)  # the server's clock, which tells it from this run's uploads, is in seconds
     result = run_step("pretokenize.py", step_env(s3, tmp_path))
     assert FAKE_SECRET not in result.stdout + result.stderr
     assert "Uploads" not in client.list_multipart_uploads(Bucket=TEST_BUCKET)
