@@ -390,7 +390,8 @@ class Bucket:
 
     def delete_prefix(self, prefix):
         """Remove everything under a prefix, its manifest first so it never looks done."""
-        self.fs.rm(self.path(f"{prefix}/{MANIFEST}")) if self.exists(f"{prefix}/{MANIFEST}") else None
+        if self.exists(f"{prefix}/{MANIFEST}"):
+            self.fs.rm(self.path(f"{prefix}/{MANIFEST}"))
         if self.fs.exists(self.path(prefix)):
             self.fs.rm(self.path(prefix), recursive=True)
 
