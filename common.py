@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 DEFAULT_ENDPOINT = "https://t3.storage.dev"
 MANIFEST = "_manifest.json"
 SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN")
+STEPS = ("import-dataset", "import-model", "pretokenize", "dotrain")
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off", "")
 
@@ -85,8 +86,13 @@ SHARED_SETTINGS = [
     Setting("AWS_REGION", "auto", "region to sign requests for (Tigris: auto)"),
     Setting("S3_TIMEOUT", 60, "seconds a silent S3 connection or read waits before botocore "
             "retries it", int, minimum=1),
-    Setting("FORCE", False, "rebuild this step's output even if it exists or was made "
-            "from other inputs", bool),
+    Setting("FORCE", False, "replace an output made from other inputs (changed settings or "
+            "data); an output made from the current inputs is kept, resumed or skipped", bool),
+    Setting("REBUILD", "", "rebuild these steps' outputs although made from the current inputs "
+            f"(e.g. a damaged object): comma-separated, from {', '.join(STEPS)} or all; once "
+            "per SKYPILOT_TASK_ID"),
+    Setting("SKYPILOT_TASK_ID", None, "this launch's id, set by SkyPilot, the same across the "
+            "recoveries of a managed job: REBUILD happens once per id"),
 ]
 
 
@@ -388,12 +394,19 @@ class Bucket:
     def download(self, key, local_path):
         self.fs.get_file(self.path(key), local_path)
 
-    def delete_prefix(self, prefix):
-        """Remove everything under a prefix, its manifest first so it never looks done."""
+    def delete_prefix(self, prefix, mine=None):
+        """Remove everything under a prefix, its manifest first so it never looks done; or, where
+        other outputs nest under it, only the entries whose name `mine(name)` accepts."""
         if self.exists(f"{prefix}/{MANIFEST}"):
             self.fs.rm(self.path(f"{prefix}/{MANIFEST}"))
-        if self.fs.exists(self.path(prefix)):
+        if not self.fs.exists(self.path(prefix)):
+            return
+        if mine is None:
             self.fs.rm(self.path(prefix), recursive=True)
+            return
+        for entry in self.fs.ls(self.path(prefix), detail=False):
+            if mine(entry.rstrip("/").rsplit("/", 1)[-1]):
+                self.fs.rm(entry, recursive=True)
 
 
 def open_bucket(settings):
@@ -445,12 +458,12 @@ def model_ready_prefix(model, dataset):
     return f"model-ready/{model}/{dataset}"
 
 
-def checkpoints_prefix(model, dataset):
-    return f"checkpoints/{model}/{dataset}"
+def checkpoints_prefix(model, dataset, run=None):
+    return f"checkpoints/{model}/{dataset}" + (f"/{run}" if run else "")
 
 
-def done_prefix(model, dataset):
-    return f"done/{model}/{dataset}"
+def done_prefix(model, dataset, run=None):
+    return f"done/{model}/{dataset}" + (f"/{run}" if run else "")
 
 
 def shard_name(index, suffix="parquet"):
@@ -517,26 +530,73 @@ def new_manifest(inputs):
     return {"complete": False, "inputs": inputs, "shards": [], "rows": 0}
 
 
-def resume_or_start(bucket, prefix, inputs, force):
+def with_rebuild(inputs, settings, step):
+    """The step's inputs, marked with this launch's id when REBUILD names the step.
+
+    The mark makes the existing output one "made from other inputs", which REBUILD consents to
+    replace. SkyPilot keeps SKYPILOT_TASK_ID across the recoveries of a managed job and gives
+    every node the same one, so a recovery, or another node, finds the output already rebuilt
+    (or being rebuilt) by this launch and continues it. Outside SkyPilot every run with
+    REBUILD set rebuilds."""
+    wanted = {name.strip() for name in settings.rebuild.split(",") if name.strip()}
+    unknown = wanted - set(STEPS) - {"all"}
+    if unknown:
+        raise UserError(f"REBUILD names no step {', '.join(sorted(unknown))}: use "
+                        f"{', '.join(STEPS)} or all")
+    if step not in wanted and "all" not in wanted:
+        return inputs
+    launch = settings.skypilot_task_id or f"local-{time.time_ns()}-{os.getpid()}"
+    return {**inputs, "rebuild": launch}
+
+
+def same_inputs(made_from, inputs):
+    """Whether an output made from `made_from` is the current run's: a rebuild mark counts only
+    when this run asks for a rebuild."""
+    if "rebuild" not in inputs:
+        made_from = {k: v for k, v in (made_from or {}).items() if k != "rebuild"}
+    return made_from == inputs
+
+
+def changes(made_from, inputs):
+    """`name: old -> new` of every input that differs, for messages."""
+    old = made_from or {}
+    return ", ".join(f"{k}: {short(old.get(k))} -> {short(inputs.get(k))}"
+                     for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k))
+
+
+def refuse_other_inputs(bucket, prefix, made_from, inputs, what="was made"):
+    raise UserError(f"{bucket.url(prefix)} {what} with other inputs ({changes(made_from, inputs)}); "
+                    "rerun with FORCE=1 to replace it, or restore the settings")
+
+
+def resume_or_start(bucket, prefix, inputs, force, replaceable=False, mine=None):
     """The manifest to continue from: complete (nothing to do), partial (resume) or new.
 
-    A manifest made from other inputs is refused unless FORCE asks for a rebuild, so a
-    changed setting never mixes old and new shards."""
+    An output made from the current inputs is kept, whatever FORCE says: a finished one is
+    skipped and a partial one resumed, so a recovery that still has FORCE=1 continues where
+    the job was. One made from other inputs is replaced only when FORCE=1 (or REBUILD, which
+    marks the inputs) consents, or when it is `replaceable` (holds nothing of value); else
+    refused, so that a changed setting never mixes old and new shards. `mine`: as in
+    Bucket.delete_prefix."""
     inputs = json.loads(canonical_json(inputs))  # as it reads back from JSON
     manifest = read_manifest(bucket, prefix)
-    if manifest is not None and not force and manifest.get("inputs") != inputs:
-        old = manifest.get("inputs") or {}
-        changed = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
-        detail = ", ".join(f"{k}: {short(old.get(k))} -> {short(inputs.get(k))}" for k in changed)
-        raise UserError(f"{bucket.url(prefix)} was made with other inputs ({detail}); "
-                        "rerun with FORCE=1 to rebuild it, or restore the settings")
-    if manifest is None or force:
-        if force and bucket.exists(prefix):
-            log(f"FORCE: rebuilding {bucket.url(prefix)}")
-            bucket.delete_prefix(prefix)
-            bucket.manifest_etags[prefix] = None
-        return new_manifest(inputs)
-    return manifest
+    if manifest is None or same_inputs(manifest.get("inputs"), inputs):
+        return manifest or new_manifest(inputs)
+    if not (force or replaceable or "rebuild" in inputs):
+        refuse_other_inputs(bucket, prefix, manifest.get("inputs"), inputs)
+    log(f"replacing {bucket.url(prefix)}, made with other inputs "
+        f"({changes(manifest.get('inputs'), inputs)})")
+    bucket.delete_prefix(prefix, mine)
+    bucket.manifest_etags[prefix] = None
+    return new_manifest(inputs)
+
+
+def manifest_fingerprint(manifest):
+    """What identifies a finished output to the steps that read it. A rebuild from the same
+    inputs makes the same output, so its mark is left out: what was made from the output
+    before stays valid."""
+    inputs = {k: v for k, v in (manifest.get("inputs") or {}).items() if k != "rebuild"}
+    return fingerprint({**manifest, "inputs": inputs})
 
 
 def abort_stale_uploads(bucket, prefix, mine=lambda name: True):
@@ -603,9 +663,9 @@ def read_parquet_batches(bucket, key, batch_size):
         except (pa.ArrowInvalid, OSError) as e:
             if isinstance(e, OSError) and e.errno is not None:
                 raise  # a local or network failure, not the object's content
-            maker = "pretokenize.py" if key.startswith("model-ready/") else "import-dataset.py"
+            maker = "pretokenize" if key.startswith("model-ready/") else "import-dataset"
             raise UserError(f"{bucket.url(key)} is not a readable Parquet file ({e}): it was "
-                            f"damaged or replaced; rerun {maker} with FORCE=1") from None
+                            f"damaged or replaced; rerun with REBUILD={maker}") from None
 
 
 def sha256_file(path, chunk=8 * 2**20):
@@ -691,7 +751,7 @@ def _download_verified(bucket, model_name, path, expected, local):
         bucket.download(key, tmp)
         if sha256_file(tmp) != expected[1]:
             raise UserError(f"{bucket.url(key)} does not match the sha256 in its manifest: the "
-                            "bucket's copy was damaged or replaced; rerun import-model.py with FORCE=1")
+                            "bucket's copy was damaged or replaced; rerun with REBUILD=import-model")
         os.replace(tmp, os.path.join(local, path))
     finally:
         if os.path.exists(tmp):

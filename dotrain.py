@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -38,16 +39,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from common import (CHATML_TEMPLATE, MODEL_CACHE_SETTING, Setting, UserError, checkpoints_prefix,
-                    done_prefix, download_model, fingerprint, log, model_fingerprint, model_prefix,
-                    model_ready_prefix, open_bucket, parse_settings, read_parquet_batches,
-                    require_complete, resume_or_start, run, write_manifest)
+from common import (CHATML_TEMPLATE, MODEL_CACHE_SETTING, Setting, UserError, abort_stale_uploads,
+                    checkpoints_prefix, done_prefix, download_model, log, manifest_fingerprint,
+                    model_fingerprint, model_prefix, model_ready_prefix, open_bucket, parse_settings,
+                    read_parquet_batches, require_complete, resume_or_start, run, with_rebuild,
+                    write_manifest)
 
 SETTINGS = [
     Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
             required=True),
     Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
             required=True),
+    Setting("RUN_NAME", None, "name of this training run: its checkpoints and results go under "
+            "checkpoints/ and done/<MODEL_NAME>/<DATASET_NAME>/<RUN_NAME>/, beside other runs (a "
+            "sweep); unset: directly under <MODEL_NAME>/<DATASET_NAME>/"),
     Setting("TRAIN_BACKEND", "auto", "unsloth (CUDA GPU), peft (transformers + peft, any "
             "device) or auto: unsloth when a GPU and unsloth are there", choices=("auto", "unsloth", "peft")),
     Setting("LORA_R", 16, "LoRA rank", int, minimum=1),
@@ -93,32 +98,26 @@ def main():
     model_manifest = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     data = require_complete(bucket, model_ready_prefix(settings.model_name, settings.dataset_name),
                             "pretokenize.py")
-    inputs = run_inputs(settings, model_manifest, data)
-    # Rank 0 first: with FORCE it removes the old outputs, which the other ranks must not see.
-    with ranks.first():
-        force = settings.force and ranks.rank == 0
-        done = resume_or_start(bucket, done_prefix(settings.model_name, settings.dataset_name),
-                               inputs, force)
-        plan = None if done["complete"] else resume_or_start(
-            bucket, checkpoints_prefix(settings.model_name, settings.dataset_name), inputs, force)
+    # Rank 0 alone decides what to resume and replaces what other inputs made; the others take
+    # its word (and its REBUILD mark).
+    inputs, done, plan = ranks.from_rank_0(lambda: resume_outputs(settings, bucket, model_manifest, data))
     if done["complete"]:
-        log(f"{bucket.url(done_prefix(settings.model_name, settings.dataset_name))} is complete: "
-            "nothing to do")
+        log(f"{bucket.url(done_of(settings))} is complete: nothing to do")
         return
     with ranks.first_on_node():
         work = Work(settings, ranks)
         model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
     if not plan["complete"]:
         backend = choose_backend(settings, ranks)
-        where = bucket.url(checkpoints_prefix(settings.model_name, settings.dataset_name))
+        where = bucket.url(checkpoints_of(settings))
         if plan.get("optim", backend.optim) != backend.optim:
             raise UserError(f"the checkpoints of {where} hold {plan['optim']} optimizer state and "
                             f"this machine trains with {backend.optim}: resume on the same kind of "
-                            "machine, or rerun with FORCE=1 to start over")
+                            "machine, or rerun with REBUILD=dotrain to start over")
         if plan.get("world_size", ranks.world) != ranks.world:
             raise UserError(f"the checkpoints of {where} were planned for {plan['world_size']} "
                             f"training processes and this run has {ranks.world}: relaunch with as "
-                            "many nodes and GPUs, or rerun with FORCE=1 to start over")
+                            "many nodes and GPUs, or rerun with REBUILD=dotrain to start over")
         train(settings, bucket, backend, model_dir, data, plan, work, ranks)
         if ranks.rank != 0:
             return
@@ -134,8 +133,46 @@ def run_inputs(settings, model_manifest, data):
     hyperparameters = {name: getattr(settings, name) for name in (
         "lora_r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "grad_accum",
         "warmup_steps", "weight_decay", "seed", "max_seq_length", "packing", "max_steps")}
-    return {"step": CODE_VERSION, "model": model_fingerprint(model_manifest),
-            "model_ready": fingerprint(data), "target_modules": TARGET_MODULES, **hyperparameters}
+    return with_rebuild({"step": CODE_VERSION, "model": model_fingerprint(model_manifest),
+                         "model_ready": manifest_fingerprint(data), "target_modules": TARGET_MODULES,
+                         **hyperparameters}, settings, "dotrain")
+
+
+def resume_outputs(settings, bucket, model_manifest, data):
+    """The run's inputs, its done manifest and, unless done, the plan to resume (or a new one).
+
+    Outputs made from other inputs are replaced when FORCE=1 (or REBUILD) consents; a plan
+    with no checkpoint yet holds nothing of value and is replaced without asking."""
+    if settings.run_name and (owned_by_unnamed_run(settings.run_name)
+                              or not re.fullmatch(r"[A-Za-z0-9._-]+", settings.run_name)):
+        raise UserError(f"RUN_NAME={settings.run_name!r}: use letters, digits, '.', '_' and '-', "
+                        f"and none of {', '.join(UNNAMED_RUN_FILES)} or checkpoint-*")
+    inputs = run_inputs(settings, model_manifest, data)
+    mine = None if settings.run_name else owned_by_unnamed_run
+    for prefix in (checkpoints_of(settings), done_of(settings)):  # a killed run's open uploads
+        abort_stale_uploads(bucket, prefix, mine)
+    done = resume_or_start(bucket, done_of(settings), inputs, settings.force, mine=mine)
+    if done["complete"]:
+        return inputs, done, None
+    plan = resume_or_start(bucket, checkpoints_of(settings), inputs, settings.force, mine=mine,
+                           replaceable=read_pointer(bucket, checkpoints_of(settings)) is None)
+    return inputs, done, plan
+
+
+def checkpoints_of(settings):
+    return checkpoints_prefix(settings.model_name, settings.dataset_name, settings.run_name)
+
+
+def done_of(settings):
+    return done_prefix(settings.model_name, settings.dataset_name, settings.run_name)
+
+
+# What a run without RUN_NAME writes under its prefixes; named runs' folders sit beside them.
+UNNAMED_RUN_FILES = ("_manifest.json", POINTER, "lora_model", "fused", "metrics.json", "loss.png")
+
+
+def owned_by_unnamed_run(name):
+    return name.split("/")[0] in UNNAMED_RUN_FILES or name.startswith("checkpoint-")
 
 
 class Ranks:
@@ -177,6 +214,24 @@ class Ranks:
 
             dist.barrier()
 
+    def from_rank_0(self, make):
+        """What make() returns on rank 0, on every rank (make runs on rank 0 only)."""
+        if self.world == 1:
+            return make()
+        import torch.distributed as dist
+
+        box = [None]
+        if self.rank == 0:
+            try:
+                box = [("done", make())]
+            except BaseException as e:
+                dist.broadcast_object_list([("failed", str(e))], src=0)  # not left waiting
+                raise
+        dist.broadcast_object_list(box, src=0)
+        if box[0][0] == "failed":
+            raise UserError(f"rank 0 failed: {box[0][1]}")
+        return box[0][1]
+
     def gather(self, obj):
         if self.world == 1:
             return [obj]
@@ -193,7 +248,7 @@ class Work:
 
     def __init__(self, settings, ranks):
         self.root = os.path.join(os.path.expanduser(settings.work_dir), settings.model_name,
-                                 settings.dataset_name)
+                                 settings.dataset_name, settings.run_name or "")
         mine = self.root if ranks.world == 1 else os.path.join(self.root, f"rank-{ranks.local_rank}")
         self.shards = os.path.join(mine, "shards")
         self.trainer = os.path.join(self.root, "trainer")
@@ -443,7 +498,7 @@ def load_shard(path, entry):
     dataset = datasets.Dataset.from_parquet(path, cache_dir=os.path.join(os.path.dirname(path), "cache"))
     if len(dataset) != entry["rows"]:
         raise UserError(f"{entry['path']} has {len(dataset)} rows but its manifest says "
-                        f"{entry['rows']}: rerun pretokenize.py with FORCE=1")
+                        f"{entry['rows']}: rerun with REBUILD=pretokenize")
     return dataset.select_columns(["input_ids", "labels"])
 
 
@@ -459,7 +514,7 @@ def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work, ran
     """The optimizer steps of every shard, counted once on the trainer's own preparation of
     each shard (packing, truncation, dropped rows) and saved before training starts. Every
     rank counts the same; rank 0 saves."""
-    prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
+    prefix = checkpoints_of(settings)
     data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     for index, path, _ in local_shards(bucket, data_prefix, data["shards"], 0, work.shards):
         entry = data["shards"][index]
@@ -523,7 +578,7 @@ def position(plan, step):
 
 def train(settings, bucket, backend, model_dir, data, plan, work, ranks):
     """Plan the steps (once), then train from the latest checkpoint to the plan's last step."""
-    prefix = checkpoints_prefix(settings.model_name, settings.dataset_name)
+    prefix = checkpoints_of(settings)
     model, tokenizer = load_for_training(settings, backend, model_dir)
     if plan.get("total_steps") is None:
         make_plan(settings, bucket, backend, model, tokenizer, data, plan, work, ranks)
@@ -708,9 +763,9 @@ class Uploads:
 def export(settings, bucket, model_dir, plan, data, inputs, work):
     """lora_model/ and fused/ from the last checkpoint, checked against each other, metrics,
     then the done manifest. Plain transformers + peft, whichever backend trained."""
-    prefix = done_prefix(settings.model_name, settings.dataset_name)
-    pointer = read_pointer(bucket, checkpoints_prefix(settings.model_name, settings.dataset_name))
-    checkpoint = fetch_checkpoint(bucket, checkpoints_prefix(settings.model_name, settings.dataset_name),
+    prefix = done_of(settings)
+    pointer = read_pointer(bucket, checkpoints_of(settings))
+    checkpoint = fetch_checkpoint(bucket, checkpoints_of(settings),
                                   pointer, work.export, EXPORTED_FILES)
     tokenizer = output_tokenizer(model_dir, data)
     lora_dir, fused_dir = os.path.join(work.export, "lora_model"), os.path.join(work.export, "fused")

@@ -16,9 +16,9 @@ import os
 os.environ.setdefault("USE_TORCH", "0")  # datasets would import torch (250 MB) for nothing here
 
 from common import (Setting, UserError, abort_stale_uploads, fingerprint, hub_errors, log,
-                    open_bucket, parquet_writer, parse_settings, raw_prefix, read_manifest,
-                    read_parquet_batches, resume_or_start, run, shard_name, standardized_prefix,
-                    write_manifest)
+                    manifest_fingerprint, open_bucket, parquet_writer, parse_settings, raw_prefix,
+                    read_manifest, read_parquet_batches, resume_or_start, run, shard_name,
+                    standardized_prefix, with_rebuild, write_manifest)
 
 SETTINGS = [
     Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
@@ -146,7 +146,8 @@ def import_raw(settings, bucket, source):
     from tqdm import tqdm
 
     prefix = raw_prefix(settings.dataset_name)
-    inputs = {"step": "raw/1", **source.inputs, "shard_size": settings.shard_size}
+    inputs = with_rebuild({"step": "raw/1", **source.inputs, "shard_size": settings.shard_size},
+                          settings, "import-dataset")
     manifest = resume_or_start(bucket, prefix, inputs, settings.force)
     if manifest["complete"]:
         log(f"{bucket.url(prefix)} is complete ({manifest['rows']} rows): nothing to do")
@@ -306,8 +307,9 @@ def standardize(settings, bucket, raw):
 
     prefix = standardized_prefix(settings.dataset_name)
     code = [inspect.getsource(f) for f in (to_conversation, as_turns, text_of, clean)]
-    inputs = {"step": "standardized/1", "raw_manifest": fingerprint(raw), "format": settings.format,
-              "code": fingerprint([code, ROLES])}
+    inputs = with_rebuild({"step": "standardized/1", "raw_manifest": manifest_fingerprint(raw),
+                           "format": settings.format, "code": fingerprint([code, ROLES])},
+                          settings, "import-dataset")
     manifest = resume_or_start(bucket, prefix, inputs, settings.force)
     if manifest["complete"]:
         log(f"{bucket.url(prefix)} is complete ({manifest['rows']} rows): nothing to do")

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from common import (Setting, UserError, abort_stale_uploads, hub_errors, log, model_prefix,
                     open_bucket, parse_settings, read_manifest, resume_or_start, run, sha256_file,
-                    write_manifest)
+                    with_rebuild, write_manifest)
 
 SETTINGS = [
     Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
@@ -47,7 +47,8 @@ def main():
     abort_stale_uploads(bucket, prefix)
     previous = read_manifest(bucket, prefix)
     source = Source(settings, previous and previous["inputs"])
-    inputs = {"step": "models/1", **source.inputs, "allow_pickle": settings.allow_pickle}
+    inputs = with_rebuild({"step": "models/1", **source.inputs, "allow_pickle": settings.allow_pickle},
+                          settings, "import-model")
     manifest = resume_or_start(bucket, prefix, inputs, settings.force)
     if manifest["complete"]:
         log(f"{bucket.url(prefix)} is complete ({len(manifest['shards'])} files): nothing to do")

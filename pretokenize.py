@@ -21,10 +21,11 @@ import json
 import os
 
 from common import (CHATML_TEMPLATE, MODEL_CACHE_SETTING, Conflict, Setting, UserError,
-                    abort_stale_uploads, download_model, fingerprint, log, model_fingerprint, model_prefix,
-                    model_ready_prefix, open_bucket, parquet_writer, parse_settings,
-                    read_manifest, read_parquet_batches, require_complete, resume_or_start, run,
-                    shard_name, short, standardized_prefix, write_manifest)
+                    abort_stale_uploads, download_model, fingerprint, log, manifest_fingerprint,
+                    model_fingerprint, model_prefix, model_ready_prefix, open_bucket, parquet_writer,
+                    parse_settings, read_manifest, read_parquet_batches, refuse_other_inputs,
+                    require_complete, run, same_inputs, shard_name, standardized_prefix,
+                    with_rebuild, write_manifest)
 
 SETTINGS = [
     Setting("MODEL_NAME", help="the model whose tokenizer and template to use, as imported by "
@@ -57,17 +58,18 @@ def main():
                                     "import-dataset.py")
     model = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
-    inputs = json.loads(json.dumps({  # as it reads back from the markers and the manifest
-        "step": "model-ready/1", "standardized": fingerprint(standardized),
+    inputs = json.loads(json.dumps(with_rebuild({  # as it reads back from markers and manifest
+        "step": "model-ready/1", "standardized": manifest_fingerprint(standardized),
         "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
-        "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length}))
-    if finished(bucket, prefix, inputs, settings.force):
+        "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length},
+        settings, "pretokenize")))
+    replace = settings.force or "rebuild" in inputs  # consent to replace what other inputs made
+    if finished(bucket, prefix, inputs, replace):
         return
     sources = [f"{standardized_prefix(settings.dataset_name)}/{shard['path']}"
                for shard in standardized["shards"]]
     mine = range(settings.skypilot_node_rank, len(sources), settings.skypilot_num_nodes)
-    todo = [index for index in mine
-            if settings.force or not shard_done(bucket, prefix, index, inputs)]
+    todo = [index for index in mine if not shard_done(bucket, prefix, index, inputs, replace)]
     my_objects = {name for index in mine for name in (shard_name(index), dropped_list_name(index))}
     abort_stale_uploads(bucket, prefix, lambda name: name in my_objects)
     log(f"node {settings.skypilot_node_rank} of {settings.skypilot_num_nodes}: {len(todo)} of "
@@ -97,14 +99,20 @@ def tokenizer_fingerprint(model):
 # ---------------------------------------------------------------- progress in the bucket
 
 
-def finished(bucket, prefix, inputs, force):
-    """Whether the output is complete from these inputs; refuses one made from others."""
+def finished(bucket, prefix, inputs, replace):
+    """Whether the output is complete from these inputs. One made from other inputs is refused,
+    unless `replace` consents: then its manifest goes (only the manifest: other nodes may
+    already be writing their new shards; each node replaces its own)."""
     manifest = read_manifest(bucket, prefix)
-    if manifest is not None and force:
-        # Only the manifest: other nodes may already be writing their new shards.
+    if manifest is None:
+        return False
+    if not same_inputs(manifest["inputs"], inputs):
+        if not replace:
+            refuse_other_inputs(bucket, prefix, manifest["inputs"], inputs)
+        log(f"replacing {bucket.url(prefix)}, made with other inputs")
         bucket.fs.rm(bucket.path(f"{prefix}/_manifest.json"))
         return False
-    if manifest is not None and resume_or_start(bucket, prefix, inputs, False)["complete"]:
+    if manifest["complete"]:
         log(f"{bucket.url(prefix)} is complete ({manifest['rows']} rows, {manifest['tokens']} "
             "tokens): nothing to do")
         return True
@@ -124,24 +132,23 @@ def read_marker(bucket, prefix, index):
     return None if data is None else json.loads(data)
 
 
-def shard_done(bucket, prefix, index, inputs):
-    """Whether a shard was finished from these inputs; a shard made from others is refused."""
+def shard_done(bucket, prefix, index, inputs, replace):
+    """Whether a shard was finished from these inputs; one made from others is redone when
+    `replace` consents, else refused."""
     marker = read_marker(bucket, prefix, index)
     if marker is None:
         return False
-    if marker["inputs"] != inputs:
-        old, new = marker["inputs"], inputs
-        changed = ", ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}"
-                            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
-        raise UserError(f"{bucket.url(prefix)} was partly made with other inputs ({changed}); "
-                        "rerun with FORCE=1 to rebuild it, or restore the settings")
+    if not same_inputs(marker["inputs"], inputs):
+        if not replace:
+            refuse_other_inputs(bucket, prefix, marker["inputs"], inputs, what="was partly made")
+        return False
     return True
 
 
 def write_manifest_if_all_done(bucket, prefix, inputs, count):
     """The node that finds every shard finished writes the manifest; one write wins."""
     markers = [read_marker(bucket, prefix, index) for index in range(count)]
-    done = [m for m in markers if m is not None and m["inputs"] == inputs]
+    done = [m for m in markers if m is not None and same_inputs(m["inputs"], inputs)]
     if len(done) < count:
         log(f"{len(done)} of {count} shards finished: the node that finishes the last one "
             "writes the manifest")

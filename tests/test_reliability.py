@@ -199,17 +199,17 @@ def test_killed_at_random_moments_then_rerun_makes_the_same_outputs(world, step)
     env = step_env(world, prefix)
     kills = []
     if step in ("import-dataset.py", "import-model.py"):
-        # The upload is open for a fraction of a second: FORCE=1 makes a missed one start over.
-        assert any(kill_at({**env, "FORCE": str(int(attempt > 0))}, step, world.seconds[step] * 3,
+        # The upload is open for a fraction of a second: REBUILD makes a missed one start over.
+        assert any(kill_at({**env, "REBUILD": step[:-3] if attempt else ""}, step, world.seconds[step] * 3,
                            until=lambda: open_uploads(world.s3, prefix + "/"))
                    for attempt in range(5)), f"{step} ended before any multipart upload was seen"
         kills.append(("upload open", True, len(open_uploads(world.s3, prefix + "/"))))
         check_manifests(objects_under(world.s3, prefix), world.ref)
     finished = False
     for _ in range(KILLS):
-        # After a run that finished before its kill, FORCE=1 makes the next one start over.
+        # After a run that finished before its kill, REBUILD makes the next one start over.
         moment = rng.uniform(0.5, world.seconds[step])
-        finished = not kill_at({**env, "FORCE": str(int(finished))}, step, moment)
+        finished = not kill_at({**env, "REBUILD": step[:-3] if finished else ""}, step, moment)
         kills.append((round(moment, 2), not finished, len(open_uploads(world.s3, prefix + "/"))))
         check_manifests(objects_under(world.s3, prefix), world.ref)
     print(f"{step}: ran {world.seconds[step]:.1f} s uninterrupted; kills (second, killed, "
