@@ -434,6 +434,63 @@ def open_bucket(settings):
     return bucket
 
 
+def bucket_in_this_process(settings):
+    """The bucket, opened once per process: what a worker process opens from the settings it is
+    given (a Bucket holds clients that cannot be sent to another process)."""
+    where = (settings.bucket_name, settings.aws_endpoint_url_s3, settings.aws_region,
+             settings.s3_timeout)
+    if where not in _buckets:
+        _buckets[where] = Bucket(settings)
+    return _buckets[where]
+
+
+_buckets = {}
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def in_order(function, tasks, num_proc):
+    """function(task) of each task, in the order of the tasks, computed by num_proc processes.
+
+    At most num_proc tasks are in flight, so memory does not grow with the number of tasks, and
+    the results come in order whatever the number of processes: the output is the same bytes.
+    Workers are spawned, not forked: this process already runs s3fs's threads, which a fork
+    would copy in whatever state they are. Each worker exits when this process is gone, so that
+    a killed run leaves none behind. With one process, or one task, all runs here."""
+    tasks = list(tasks)
+    workers = min(num_proc, len(tasks))
+    if workers <= 1:
+        yield from map(function, tasks)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with, initargs=(os.getpid(),)) as pool:
+        in_flight = deque()
+        for task in tasks:
+            if len(in_flight) == workers:
+                yield in_flight.popleft().result()
+            in_flight.append(pool.submit(function, task))
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def _exit_with(parent):
+    """In a worker process: exit as soon as the process that started it is gone (a SIGKILL
+    gives it no chance to stop its workers)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 @contextlib.contextmanager
 def hub_errors(kind, repo_id, revision):
     """Turn what the Hugging Face Hub raises about a dataset or model into one line."""
@@ -673,18 +730,42 @@ def read_parquet_batches(bucket, key, batch_size):
     """Record batches of a Parquet object, read a row group at a time (bounded memory)."""
     import pyarrow.parquet as pq
 
+    with _parquet_errors(bucket, key), bucket.fs.open(bucket.path(key), "rb", block_size=8 * 2**20) as f:
+        # pre_buffer would keep every row group read so far until the file is closed.
+        yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size)
+
+
+def row_group_sizes(bucket, key):
+    """The number of rows of each row group of a Parquet object (read from its footer alone)."""
+    import pyarrow.parquet as pq
+
+    with _parquet_errors(bucket, key), bucket.fs.open(bucket.path(key), "rb", cache_type="none") as f:
+        metadata = pq.ParquetFile(f).metadata
+        return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+
+
+def read_row_group(bucket, key, index):
+    """One row group of a Parquet object, as a table: the unit that worker processes share."""
+    import pyarrow.parquet as pq
+
+    # No read-ahead: the footer and the row group's columns are read by range, nothing more.
+    with _parquet_errors(bucket, key), bucket.fs.open(bucket.path(key), "rb", cache_type="none") as f:
+        return pq.ParquetFile(f, pre_buffer=True).read_row_group(index)
+
+
+@contextlib.contextmanager
+def _parquet_errors(bucket, key):
+    """A damaged or replaced object's content as one line naming the step that remakes it."""
     import pyarrow as pa
 
-    with bucket.fs.open(bucket.path(key), "rb", block_size=8 * 2**20) as f:
-        try:
-            # pre_buffer would keep every row group read so far until the file is closed.
-            yield from pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size)
-        except (pa.ArrowInvalid, OSError) as e:
-            if isinstance(e, OSError) and e.errno is not None:
-                raise  # a local or network failure, not the object's content
-            maker = "pretokenize" if key.startswith("model-ready/") else "import-dataset"
-            raise UserError(f"{bucket.url(key)} is not a readable Parquet file ({e}): it was "
-                            f"damaged or replaced; rerun with REBUILD={maker}") from None
+    try:
+        yield
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # a local or network failure, not the object's content
+        maker = "pretokenize" if key.startswith("model-ready/") else "import-dataset"
+        raise UserError(f"{bucket.url(key)} is not a readable Parquet file ({e}): it was "
+                        f"damaged or replaced; rerun with REBUILD={maker}") from None
 
 
 def sha256_file(path, chunk=8 * 2**20):

@@ -15,10 +15,11 @@ import os
 
 os.environ.setdefault("USE_TORCH", "0")  # datasets would import torch (250 MB) for nothing here
 
-from common import (Setting, UserError, abort_stale_uploads, fingerprint, hub_errors, log,
-                    manifest_fingerprint, open_bucket, parquet_writer, parse_settings, raw_prefix,
-                    read_manifest, read_parquet_batches, resume_or_start, run, shard_name,
-                    standardized_prefix, with_rebuild, write_manifest)
+from common import (Setting, UserError, abort_stale_uploads, bucket_in_this_process, fingerprint,
+                    hub_errors, in_order, log, manifest_fingerprint, open_bucket, parquet_writer,
+                    parse_settings, raw_prefix, read_manifest, read_row_group, resume_or_start,
+                    row_group_sizes, run, shard_name, standardized_prefix, with_rebuild,
+                    write_manifest)
 
 SETTINGS = [
     Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
@@ -34,6 +35,7 @@ SETTINGS = [
                                                            "prompt_completion")),
     Setting("MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of rows is dropped",
             float, minimum=0),
+    Setting("NUM_PROC", os.cpu_count(), "CPU cores to standardize with", int, minimum=1),
 ]
 ROW_GROUP_ROWS = 2_000  # rows held in memory at once, and rows per Parquet row group
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -302,9 +304,10 @@ def clean(turns):
 
 
 def standardize(settings, bucket, raw):
-    """Standardize each raw shard into the shard of the same number, listing every reject."""
-    import pyarrow as pa
+    """Standardize each raw shard into the shard of the same number, listing every reject.
 
+    The raw shards' row groups are standardized in NUM_PROC processes, each reading its own
+    from the bucket, and written back in order: the same bytes whatever NUM_PROC."""
     prefix = standardized_prefix(settings.dataset_name)
     code = [inspect.getsource(f) for f in (to_conversation, as_turns, text_of, clean)]
     inputs = with_rebuild({"step": "standardized/1", "raw_manifest": manifest_fingerprint(raw),
@@ -314,46 +317,34 @@ def standardize(settings, bucket, raw):
     if manifest["complete"]:
         log(f"{bucket.url(prefix)} is complete ({manifest['rows']} rows): nothing to do")
         return manifest
-    schema = pa.schema([
-        ("conversations", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("source_row", pa.int64()),
-    ])
-    fmt = settings.format
-    first_row = sum(s["rows"] for s in raw["shards"][:len(manifest["shards"])])
-    for index in range(len(manifest["shards"]), len(raw["shards"])):
-        raw_key = f"{raw_prefix(settings.dataset_name)}/{raw['shards'][index]['path']}"
-        entry = {"path": shard_name(index), "rejected": f"_rejected/{shard_name(index, 'jsonl')}",
-                 "rows": 0, "dropped": {}, "altered": {}}
-        source_row = first_row
-        with parquet_writer(bucket, f"{prefix}/{entry['path']}", schema) as writer, \
-                bucket.writer(f"{prefix}/{entry['rejected']}") as rejected:
-            for batch in read_parquet_batches(bucket, raw_key, ROW_GROUP_ROWS):
-                if fmt == "auto":
-                    fmt = detect_format(batch.schema.names)
-                kept = {"conversations": [], "source_row": []}
-                for row in batch.to_pylist():
-                    try:
-                        conversation, changes = clean(to_conversation(row, fmt))
-                    except Rejected as reason:
-                        changes, conversation = [str(reason)], None
-                    action = "dropped" if conversation is None else "altered"
-                    for change in changes:
-                        entry[action][change] = entry[action].get(change, 0) + 1
-                    if changes:
-                        rejected.write(json.dumps({"source_row": source_row, "action": action,
-                                                   "reasons": changes}).encode() + b"\n")
-                    if conversation is not None:
-                        kept["conversations"].append(conversation)
-                        kept["source_row"].append(source_row)
-                    source_row += 1
-                writer.write_table(pa.Table.from_pydict(kept, schema=schema))
-                entry["rows"] += len(kept["source_row"])
-        first_row = source_row
-        manifest["shards"].append(entry)
-        manifest["rows"] += entry["rows"]
-        write_manifest(bucket, prefix, manifest)
-        log(f"standardized shard {entry['path']}: {entry['rows']} rows kept, "
-            f"{sum(entry['dropped'].values())} dropped, {sum(entry['altered'].values())} altered")
+    todo = range(len(manifest["shards"]), len(raw["shards"]))
+    keys = {index: f"{raw_prefix(settings.dataset_name)}/{raw['shards'][index]['path']}"
+            for index in todo}
+    sizes = {index: row_group_sizes(bucket, keys[index]) for index in todo}
+    tasks, source_row = [], sum(s["rows"] for s in raw["shards"][:len(manifest["shards"])])
+    for index in todo:
+        for group, rows in enumerate(sizes[index]):
+            tasks.append((settings, keys[index], group, source_row))
+            source_row += rows
+    with contextlib.closing(in_order(standardize_rows, tasks, settings.num_proc)) as results:
+        for index in todo:
+            entry = {"path": shard_name(index), "rejected": f"_rejected/{shard_name(index, 'jsonl')}",
+                     "rows": 0, "dropped": {}, "altered": {}}
+            with parquet_writer(bucket, f"{prefix}/{entry['path']}", standardized_schema()) as writer, \
+                    bucket.writer(f"{prefix}/{entry['rejected']}") as rejected:
+                for _ in sizes[index]:
+                    kept, rejected_lines, counts = next(results)
+                    writer.write_table(kept)
+                    rejected.write(rejected_lines)
+                    entry["rows"] += kept.num_rows
+                    for action in ("dropped", "altered"):
+                        for change, count in counts[action].items():
+                            entry[action][change] = entry[action].get(change, 0) + count
+            manifest["shards"].append(entry)
+            manifest["rows"] += entry["rows"]
+            write_manifest(bucket, prefix, manifest)
+            log(f"standardized shard {entry['path']}: {entry['rows']} rows kept, "
+                f"{sum(entry['dropped'].values())} dropped, {sum(entry['altered'].values())} altered")
 
     dropped = {}
     for entry in manifest["shards"]:
@@ -373,6 +364,43 @@ def standardize(settings, bucket, raw):
     log(f"{bucket.url(prefix)} complete: {manifest['rows']} of {raw['rows']} rows kept, "
         f"{total_dropped} dropped (listed in _rejected/)")
     return manifest
+
+
+def standardized_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("conversations", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("source_row", pa.int64()),
+    ])
+
+
+def standardize_rows(task):
+    """One row group of a raw shard, in a worker process: the rows kept as a table, the lines of
+    the rejected list, and how many rows each change dropped or altered."""
+    import pyarrow as pa
+
+    settings, key, group, source_row = task
+    table = read_row_group(bucket_in_this_process(settings), key, group)
+    fmt = detect_format(table.column_names) if settings.format == "auto" else settings.format
+    kept = {"conversations": [], "source_row": []}
+    lines, counts = [], {"dropped": {}, "altered": {}}
+    for row in table.to_pylist():
+        try:
+            conversation, changes = clean(to_conversation(row, fmt))
+        except Rejected as reason:
+            changes, conversation = [str(reason)], None
+        action = "dropped" if conversation is None else "altered"
+        for change in changes:
+            counts[action][change] = counts[action].get(change, 0) + 1
+        if changes:
+            lines.append(json.dumps({"source_row": source_row, "action": action,
+                                     "reasons": changes}).encode() + b"\n")
+        if conversation is not None:
+            kept["conversations"].append(conversation)
+            kept["source_row"].append(source_row)
+        source_row += 1
+    return pa.Table.from_pydict(kept, schema=standardized_schema()), b"".join(lines), counts
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared fixtures: a real S3 server on loopback (moto), and running the steps as a user does."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -134,3 +135,18 @@ def bucket_objects(env):
         for item in page.get("Contents", []):
             objects[item["Key"]] = client.get_object(Bucket=TEST_BUCKET, Key=item["Key"])["Body"].read()
     return objects
+
+
+def descendants(pid):
+    """Every process under pid (torchrun starts its workers in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

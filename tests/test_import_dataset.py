@@ -5,10 +5,12 @@ import io
 import json
 import signal
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import (FAKE_SECRET, ROOT, bucket_objects, fixture_path, run_step, start_step)
+from conftest import (FAKE_SECRET, ROOT, bucket_objects, descendants, fixture_path, run_step,
+                      start_step)
 
 from demo import synthetic
 
@@ -241,6 +243,59 @@ def test_sigkill_after_the_second_shard_then_rerun_gives_identical_shards(s3, tm
     uninterrupted = {k[len("clean/"):]: v for k, v in objects.items() if k.startswith("clean/")}
     assert len([k for k in uninterrupted if k.startswith("raw/k/shard-")]) == 14
     assert after_kill == uninterrupted
+
+
+def running(pids):
+    """Those of the processes that still run (a zombie has ended)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def test_one_or_two_processes_and_a_kill_make_the_same_standardized_bytes(s3, tmp_path):
+    """Standardization in NUM_PROC processes: row groups in parallel, written in order. Two
+    shards of several row groups, with dropped and altered rows in both."""
+    rows = synthetic.conversations(4500, seed=4)
+    for at in (10, 2222, 4497):
+        rows[at] = {"conversations": [{"from": "human", "value": "Nobody answers."}]}
+    rows[1500]["conversations"].append({"from": "human", "value": "left over"})
+    source = write_jsonl(tmp_path / "d.jsonl", rows)
+    args = ("--dataset-name", "p", "--dataset-source", str(source), "--shard-size", "3000")
+
+    def output(prefix):
+        return {k[len(prefix) + 1:]: v for k, v in bucket_objects(s3).items() if k.startswith(prefix + "/")}
+
+    run_step("import-dataset.py", {**s3, "BUCKET_NAME": "s3://test-bucket/one", "NUM_PROC": "1"}, *args)
+    run_step("import-dataset.py", {**s3, "BUCKET_NAME": "s3://test-bucket/two", "NUM_PROC": "2"}, *args)
+    one = output("one")
+    assert output("two") == one
+    manifest, kept = standardized(one, "p")
+    assert manifest["rows"] == len(kept) == 4497 and manifest["dropped"] == {"no assistant answer": 3}
+    assert [r["source_row"] for r in rejected(one, "p")] == [10, 1500, 2222, 4497]
+
+    # Killed while its workers standardize: they go too, and the rerun ends with the same bytes.
+    killed = {**s3, "BUCKET_NAME": "s3://test-bucket/killed", "NUM_PROC": "2"}
+    process = start_step("import-dataset.py", killed, *args)
+    for line in process.stdout:
+        if "raw/p complete" in line:
+            break
+    while len(workers := descendants(process.pid)) < 3 and process.poll() is None:
+        time.sleep(0.02)  # a resource tracker and two workers
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    deadline = time.time() + 10
+    while running(workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not running(workers), "a process of the killed run outlived it"
+    run_step("import-dataset.py", killed, *args)
+    assert output("killed") == one
 
 
 def test_changed_settings_are_refused_unless_forced(s3, tmp_path):

@@ -9,11 +9,10 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import boto3
-from conftest import FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects
+from conftest import FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, descendants
 
 from demo import run as demo
 
@@ -73,21 +72,6 @@ def kill_nodes_when(env, tmp_path, condition, nodes=2):
         time.sleep(0.2)
     raise AssertionError("the nodes finished (or hung) before the condition: "
                          + "".join((proc.communicate()[0] or "")[-3000:] for proc in procs))
-
-
-def descendants(pid):
-    """Every process under pid (torchrun starts its workers in sessions of their own)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_writes_nothing(
