@@ -467,8 +467,9 @@ def in_order(function, tasks, num_proc):
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_exit_with, initargs=(os.getpid(),)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with, initargs=(os.getpid(),))
+    try:
         in_flight = deque()
         for task in tasks:
             if len(in_flight) == workers:
@@ -476,6 +477,8 @@ def in_order(function, tasks, num_proc):
             in_flight.append(pool.submit(function, task))
         while in_flight:
             yield in_flight.popleft().result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # the workers end while this one goes on
 
 
 def _exit_with(parent):

@@ -467,35 +467,40 @@ def release_memory():
 
 
 def local_shards(bucket, prefix, shards, first, directory):
-    """(index, local path, seconds waited for it) of shards[first:] in order. The next shard
-    downloads while the caller trains on the current one; a shard's local files go once the
-    caller moves on."""
+    """(index, local paths of its parts, seconds waited for it) of shards[first:] in order. The
+    next shard downloads while the caller trains on the current one; a shard's local files go
+    once the caller moves on."""
 
     def fetch(index):
         folder = os.path.join(directory, str(index))
         os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, os.path.basename(shards[index]["path"]))
-        bucket.download(f"{prefix}/{shards[index]['path']}", path)
-        return path
+        paths = []
+        for part in shards[index]["parts"]:
+            if part["rows"]:  # (datasets cannot read a Parquet file without rows)
+                paths.append(os.path.join(folder, os.path.basename(part["path"])))
+                bucket.download(f"{prefix}/{part['path']}", paths[-1])
+        return paths
 
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(fetch, first) if first < len(shards) else None
         for index in range(first, len(shards)):
             waiting = time.time()
-            path = pending.result()
+            paths = pending.result()
             waited = time.time() - waiting
             pending = pool.submit(fetch, index + 1) if index + 1 < len(shards) else None
             try:
-                yield index, path, waited
+                yield index, paths, waited
             finally:
-                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+                shutil.rmtree(os.path.join(directory, str(index)), ignore_errors=True)
 
 
-def load_shard(path, entry):
-    """A local shard as a memory-mapped dataset of input_ids and labels, exactly as pretokenized."""
+def load_shard(paths, entry):
+    """A local shard's parts as one memory-mapped dataset of input_ids and labels, exactly as
+    pretokenized."""
     import datasets
 
-    dataset = datasets.Dataset.from_parquet(path, cache_dir=os.path.join(os.path.dirname(path), "cache"))
+    cache = os.path.join(os.path.dirname(paths[0]), "cache")
+    dataset = datasets.Dataset.from_parquet(paths, cache_dir=cache)
     if len(dataset) != entry["rows"]:
         raise UserError(f"{entry['path']} has {len(dataset)} rows but its manifest says "
                         f"{entry['rows']}: rerun with REBUILD=pretokenize")
@@ -516,15 +521,16 @@ def make_plan(settings, bucket, backend, model, tokenizer, data, plan, work, ran
     rank counts the same; rank 0 saves."""
     prefix = checkpoints_of(settings)
     data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
-    for index, path, _ in local_shards(bucket, data_prefix, data["shards"], 0, work.shards):
+    for index, paths, _ in local_shards(bucket, data_prefix, data["shards"], 0, work.shards):
         entry = data["shards"][index]
         sequences = tokens = 0
         if entry["rows"]:  # (a trainer needs a first row to look at)
-            trainer = make_trainer(settings, backend, model, tokenizer, load_shard(path, entry), work,
+            trainer = make_trainer(settings, backend, model, tokenizer, load_shard(paths, entry), work,
                                    max_steps=1)
             sequences, tokens = len(trainer.train_dataset), count_tokens(trainer.train_dataset)
             del trainer
-        shard = {"path": entry["path"], "rows": entry["rows"], "sequences": sequences,
+        shard = {"path": entry["path"], "parts": entry["parts"], "rows": entry["rows"],
+                 "sequences": sequences,
                  "steps": optimizer_steps(sequences, settings, ranks.world), "tokens": tokens,
                  "trained_tokens": entry.get("trained_tokens"),
                  "dropped_rows": 0 if settings.packing else entry["rows"] - sequences,
@@ -614,14 +620,14 @@ def train_shards(settings, bucket, backend, model, tokenizer, plan, work, ranks,
     data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     starts, total = shard_starts(plan), plan["total_steps"]
     first, _ = position(plan, step)
-    for index, path, waited in local_shards(bucket, data_prefix, plan["shards"], first, work.shards):
+    for index, paths, waited in local_shards(bucket, data_prefix, plan["shards"], first, work.shards):
         end = min(starts[index] + plan["shards"][index]["steps"], total)
         if end == step:  # a shard with nothing left to train on
             continue
         record = io.setdefault(str(index), {"storage_wait_s": 0.0})
         record["storage_wait_s"] = round(record["storage_wait_s"] + waited, 3)
         trainer = make_trainer(settings, backend, model, tokenizer,
-                               load_shard(path, plan["shards"][index]), work, total)
+                               load_shard(paths, plan["shards"][index]), work, total)
         # The trainer's own order is sequential: this fixed shuffle of the prepared shard is what
         # a resumed run skips into.
         order = trainer.train_dataset.shuffle(seed=settings.seed + index)
@@ -857,8 +863,8 @@ def last_trained(plan):
 def held_back_examples(bucket, settings, plan):
     """A few rows of the last trained shard, cut short: the logits compared after the merge."""
     prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
-    key = f"{prefix}/{plan['shards'][last_trained(plan)]['path']}"
-    batch = next(read_parquet_batches(bucket, key, HELD_BACK_ROWS))
+    part = next(part for part in plan["shards"][last_trained(plan)]["parts"] if part["rows"])
+    batch = next(read_parquet_batches(bucket, f"{prefix}/{part['path']}", HELD_BACK_ROWS))
     return [ids[:HELD_BACK_TOKENS] for ids in batch.column("input_ids").to_pylist()]
 
 

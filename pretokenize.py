@@ -1,31 +1,40 @@
 """Step 3: render each conversation with the model's chat template, tokenize it, and label
 it so that training learns the assistant's answers only.
 
-    model-ready/<MODEL_NAME>/<DATASET_NAME>/shard-NNNNN.parquet  one per standardized shard:
-        input_ids, labels (list<int32>), source_row (int64). labels are -100 except on each
-        assistant answer and the end-of-turn token that closes it (<|im_end|> for Qwen), so the
-        model learns to answer and to stop; system and user turns and the template's
-        scaffolding are never trained
-    .../_dropped/shard-NNNNN.jsonl   every row dropped, with its source_row and reason
-    .../_shards/shard-NNNNN.json     a finished shard's statistics and inputs
-    .../_manifest.json               written by whichever node finds every shard finished
+    model-ready/<MODEL_NAME>/<DATASET_NAME>/shard-NNNNN/part-NNNNN.parquet
+        each standardized shard in parts of whole row groups (PART_SIZE rows or more):
+        input_ids, labels (list<int32>), source_row (int64), length (int32, the tokens of the
+        row). labels are -100 except on each assistant answer and the end-of-turn token that
+        closes it (<|im_end|> for Qwen), so the model learns to answer and to stop; system and
+        user turns and the template's scaffolding are never trained
+    .../eval/shard-NNNNN/part-NNNNN.parquet   the EVAL_ROWS rows held out for evaluation (the
+        same columns), never trained on; a part that holds none has no such file
+    .../_dropped/shard-NNNNN/part-NNNNN.jsonl every row dropped, with its source_row and reason
+    .../_parts/shard-NNNNN/part-NNNNN.json    a finished part's statistics and inputs
+    .../_manifest.json     written by whichever node finds every part finished: each shard with
+        its parts, the eval files, the end-of-turn text, the totals
 
 The tokenizer comes from the bucket's copy of the model (import-model.py), never from the
 Hub. Rows longer than MAX_SEQ_LENGTH tokens are truncated and counted; rows left without a
-trained token are dropped and listed. On several SkyPilot nodes, node SKYPILOT_NODE_RANK
-takes the shards whose number % SKYPILOT_NUM_NODES equals its rank; each shard is committed
-on its own, so a rerun continues where it stopped and a finished run writes nothing.
+trained token are dropped and listed. EVAL_ROWS rows, spread evenly over the whole dataset
+by their position among the standardized rows, are held out. Row groups are rendered and
+tokenized by NUM_PROC worker processes and written in order. On several SkyPilot nodes, node
+SKYPILOT_NODE_RANK takes every SKYPILOT_NUM_NODES-th part of all the shards' parts; each part
+is committed on its own, so a rerun continues where it stopped and a finished run writes
+nothing. The output is the same bytes whatever NUM_PROC and the number of nodes.
 """
 
+import contextlib
+import functools
 import json
 import os
 
 from common import (CHATML_TEMPLATE, MODEL_CACHE_SETTING, Conflict, Setting, UserError,
-                    abort_stale_uploads, download_model, fingerprint, log, manifest_fingerprint,
-                    model_fingerprint, model_prefix, model_ready_prefix, open_bucket, parquet_writer,
-                    parse_settings, read_manifest, read_parquet_batches, refuse_other_inputs,
-                    require_complete, run, same_inputs, shard_name, standardized_prefix,
-                    with_rebuild, write_manifest)
+                    abort_stale_uploads, bucket_in_this_process, download_model, fingerprint,
+                    in_order, log, manifest_fingerprint, model_fingerprint, model_prefix,
+                    model_ready_prefix, open_bucket, parquet_writer, parse_settings, read_manifest,
+                    read_row_group, refuse_other_inputs, require_complete, row_group_sizes, run,
+                    same_inputs, standardized_prefix, with_rebuild, write_manifest)
 
 SETTINGS = [
     Setting("MODEL_NAME", help="the model whose tokenizer and template to use, as imported by "
@@ -35,59 +44,64 @@ SETTINGS = [
     Setting("MAX_SEQ_LENGTH", 4096, "tokens per row; longer rows are truncated", int, minimum=1),
     Setting("CHAT_TEMPLATE", "model", "model: the model's own chat template; chatml: ChatML "
             "(for a model that has none)", choices=("model", "chatml")),
-    Setting("NUM_PROC", os.cpu_count(), "CPU cores to tokenize with", int, minimum=1),
+    Setting("EVAL_ROWS", 200, "conversations held out for evaluation, spread evenly over the "
+            "dataset, never trained on (0: none)", int, minimum=0),
+    Setting("PART_SIZE", 20_000, "rows per part: each standardized shard is tokenized and "
+            "committed in parts of whole row groups, which nodes share", int, minimum=1),
+    Setting("NUM_PROC", os.cpu_count(), "CPU cores to render and tokenize with (worker "
+            "processes)", int, minimum=1),
     MODEL_CACHE_SETTING,
     Setting("SKYPILOT_NODE_RANK", 0, "this node's number (set by SkyPilot)", int, minimum=0),
     Setting("SKYPILOT_NUM_NODES", 1, "how many nodes share the work (set by SkyPilot)", int,
             minimum=1),
 ]
-BATCH_ROWS = 1_000  # rows rendered and tokenized at once, and rows per Parquet row group
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "vocab.txt", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json")
 TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 ANSWER_MARK = "\ue000"  # a private-use character, placed around each answer in a second rendering
 NOT_TRAINED = -100
+COUNTS = ("rows", "tokens", "trained_tokens", "truncated", "dropped", "eval_rows", "eval_tokens",
+          "eval_truncated", "eval_dropped")
 
 
 def main():
     settings = parse_settings(__doc__, SETTINGS)
-    use_cores(settings.num_proc)
+    # Each process tokenizes on one core: NUM_PROC processes use NUM_PROC cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     bucket = open_bucket(settings)
     standardized = require_complete(bucket, standardized_prefix(settings.dataset_name),
                                     "import-dataset.py")
     model = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     inputs = json.loads(json.dumps(with_rebuild({  # as it reads back from markers and manifest
-        "step": "model-ready/1", "standardized": manifest_fingerprint(standardized),
+        "step": "model-ready/2", "standardized": manifest_fingerprint(standardized),
         "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
-        "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length},
+        "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
+        "eval_rows": settings.eval_rows, "part_size": settings.part_size},
         settings, "pretokenize")))
     replace = settings.force or "rebuild" in inputs  # consent to replace what other inputs made
     if finished(bucket, prefix, inputs, replace):
         return
-    sources = [f"{standardized_prefix(settings.dataset_name)}/{shard['path']}"
-               for shard in standardized["shards"]]
-    mine = range(settings.skypilot_node_rank, len(sources), settings.skypilot_num_nodes)
-    todo = [index for index in mine if not shard_done(bucket, prefix, index, inputs, replace)]
-    my_objects = {name for index in mine for name in (shard_name(index), dropped_list_name(index))}
+    if settings.eval_rows >= standardized["rows"]:
+        raise UserError(f"EVAL_ROWS={settings.eval_rows} holds out all {standardized['rows']} rows "
+                        f"of {bucket.url(standardized_prefix(settings.dataset_name))}, leaving "
+                        "nothing to train on: lower EVAL_ROWS (0 holds out none)")
+    parts = list_parts(bucket, settings.dataset_name, standardized, settings.part_size)
+    mine = parts[settings.skypilot_node_rank::settings.skypilot_num_nodes]
+    todo = [part for part in mine if not part_done(bucket, prefix, part, inputs, replace)]
+    my_objects = {name for part in mine for name in objects_of(part)}
     abort_stale_uploads(bucket, prefix, lambda name: name in my_objects)
     log(f"node {settings.skypilot_node_rank} of {settings.skypilot_num_nodes}: {len(todo)} of "
-        f"{len(mine)} shards to tokenize")
+        f"{len(mine)} parts to tokenize ({len(parts)} parts in all)")
     if todo:
         model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
-        labeller = Labeller(load_tokenizer(model_dir, settings.chat_template),
-                            settings.max_seq_length)
-        for index in todo:
-            pretokenize_shard(bucket, sources[index], prefix, index, labeller, inputs)
-    write_manifest_if_all_done(bucket, prefix, inputs, len(sources))
-
-
-def use_cores(num_proc):
-    # The fast tokenizer spreads one batch over NUM_PROC Rust threads; these are read when the
-    # tokenizers library first needs its thread pool.
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if num_proc > 1 else "false"
-    os.environ["RAYON_NUM_THREADS"] = str(num_proc)
+        tasks = [(settings, model_dir, part["source"], group, first_row, standardized["rows"])
+                 for part in todo for group, first_row in part["groups"]]
+        with contextlib.closing(in_order(tokenize_row_group, tasks, settings.num_proc)) as results:
+            for part in todo:
+                write_part(bucket, prefix, part, results, inputs)
+    write_manifest_if_all_done(bucket, prefix, inputs, parts)
 
 
 def tokenizer_fingerprint(model):
@@ -96,13 +110,45 @@ def tokenizer_fingerprint(model):
     return fingerprint(sorted(files))
 
 
+def list_parts(bucket, dataset, standardized, part_size):
+    """Every part of every standardized shard, in order: whole row groups, a part ending once it
+    holds part_size rows or more. Parts depend on the data and PART_SIZE alone, never on the
+    number of nodes. Each lists its row groups with the dataset-wide position of their first row
+    (which rows are held out for evaluation)."""
+    parts, first_row = [], 0
+    for index, shard in enumerate(standardized["shards"]):
+        source = f"{standardized_prefix(dataset)}/{shard['path']}"
+        sizes = row_group_sizes(bucket, source)
+        if sum(sizes) != shard["rows"]:
+            raise UserError(f"{bucket.url(source)} holds {sum(sizes)} rows but its manifest says "
+                            f"{shard['rows']}: it was damaged or replaced; rerun with "
+                            "REBUILD=import-dataset")
+        groups, rows = [[]], 0  # each part's row groups; the rows of the last part
+        for group, size in enumerate(sizes):
+            if rows >= part_size:
+                groups.append([])
+                rows = 0
+            groups[-1].append((group, first_row))
+            first_row, rows = first_row + size, rows + size
+        parts += [{"shard": f"shard-{index:05d}", "name": f"shard-{index:05d}/part-{number:05d}",
+                   "source": source, "groups": part_groups}
+                  for number, part_groups in enumerate(groups)]
+    return parts
+
+
+def held_out(row, eval_rows, rows):
+    """Whether row number `row` of the dataset's `rows` standardized rows is held out for
+    evaluation: eval_rows of them, spread evenly."""
+    return (row + 1) * eval_rows // rows > row * eval_rows // rows
+
+
 # ---------------------------------------------------------------- progress in the bucket
 
 
 def finished(bucket, prefix, inputs, replace):
     """Whether the output is complete from these inputs. One made from other inputs is refused,
     unless `replace` consents: then its manifest goes (only the manifest: other nodes may
-    already be writing their new shards; each node replaces its own)."""
+    already be writing their new parts; each node replaces its own)."""
     manifest = read_manifest(bucket, prefix)
     if manifest is None:
         return False
@@ -119,23 +165,22 @@ def finished(bucket, prefix, inputs, replace):
     return False
 
 
-def dropped_list_name(index):
-    return f"_dropped/{shard_name(index, 'jsonl')}"
+def objects_of(part):
+    """The names, under the output prefix, of what a part writes."""
+    name = part["name"]
+    return (f"{name}.parquet", f"eval/{name}.parquet", f"_dropped/{name}.jsonl",
+            f"_parts/{name}.json")
 
 
-def marker_key(prefix, index):
-    return f"{prefix}/_shards/{shard_name(index, 'json')}"
-
-
-def read_marker(bucket, prefix, index):
-    data = bucket.get(marker_key(prefix, index))
+def read_marker(bucket, prefix, part):
+    data = bucket.get(f"{prefix}/_parts/{part['name']}.json")
     return None if data is None else json.loads(data)
 
 
-def shard_done(bucket, prefix, index, inputs, replace):
-    """Whether a shard was finished from these inputs; one made from others is redone when
+def part_done(bucket, prefix, part, inputs, replace):
+    """Whether a part was finished from these inputs; one made from others is redone when
     `replace` consents, else refused."""
-    marker = read_marker(bucket, prefix, index)
+    marker = read_marker(bucket, prefix, part)
     if marker is None:
         return False
     if not same_inputs(marker["inputs"], inputs):
@@ -145,22 +190,30 @@ def shard_done(bucket, prefix, index, inputs, replace):
     return True
 
 
-def write_manifest_if_all_done(bucket, prefix, inputs, count):
-    """The node that finds every shard finished writes the manifest; one write wins."""
-    markers = [read_marker(bucket, prefix, index) for index in range(count)]
+def write_manifest_if_all_done(bucket, prefix, inputs, parts):
+    """The node that finds every part finished writes the manifest; one write wins."""
+    markers = [read_marker(bucket, prefix, part) for part in parts]
     done = [m for m in markers if m is not None and same_inputs(m["inputs"], inputs)]
-    if len(done) < count:
-        log(f"{len(done)} of {count} shards finished: the node that finishes the last one "
+    if len(done) < len(parts):
+        log(f"{len(done)} of {len(parts)} parts finished: the node that finishes the last one "
             "writes the manifest")
         return
-    shards = [{k: v for k, v in marker.items() if k != "inputs"} for marker in done]
-    totals = {key: sum(shard[key] for shard in shards)
-              for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped")}
+    shards = {}
+    for marker in done:
+        shard = shards.setdefault(marker["shard"], {"path": marker["shard"], "rows": 0, "tokens": 0,
+                                                    "trained_tokens": 0, "truncated": 0,
+                                                    "dropped": 0, "parts": []})
+        for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped"):
+            shard[key] += marker[key]
+        shard["parts"].append({"path": marker["path"], "rows": marker["rows"],
+                               "tokens": marker["tokens"]})
+    totals = {key: sum(marker[key] for marker in done) for key in COUNTS}
     if totals["rows"] == 0:
         raise UserError(f"every row was dropped (the reasons are in {bucket.url(prefix)}/"
                         "_dropped/): raise MAX_SEQ_LENGTH, or check the chat template")
-    manifest = {"complete": True, "inputs": inputs, "shards": shards, **totals,
-                "max_seq_length": inputs["max_seq_length"]}
+    manifest = {"complete": True, "inputs": inputs, "shards": list(shards.values()), **totals,
+                "eval": [marker["eval"] for marker in done if marker["eval"]],
+                "end_of_turn": done[0]["end_of_turn"], "max_seq_length": inputs["max_seq_length"]}
     try:
         write_manifest(bucket, prefix, manifest, if_none_match=True)
     except Conflict:
@@ -168,42 +221,85 @@ def write_manifest_if_all_done(bucket, prefix, inputs, count):
         return
     log(f"{bucket.url(prefix)} complete: {totals['rows']} rows, {totals['tokens']} tokens "
         f"({totals['trained_tokens']} trained), {totals['truncated']} truncated, "
-        f"{totals['dropped']} dropped (listed in _dropped/)")
+        f"{totals['dropped']} dropped (listed in _dropped/), {totals['eval_rows']} held out for "
+        "evaluation")
 
 
-# ---------------------------------------------------------------- a shard
+# ---------------------------------------------------------------- a part
 
 
-def pretokenize_shard(bucket, source, prefix, index, labeller, inputs):
-    """Tokenize the standardized shard `source` into the model-ready shard number `index`."""
+def model_ready_schema():
     import pyarrow as pa
 
-    schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("source_row", pa.int64())])
-    stats = {"path": shard_name(index), "dropped_list": dropped_list_name(index),
-             "rows": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0, "dropped": 0,
-             "dropped_reasons": {}}
-    with parquet_writer(bucket, f"{prefix}/{stats['path']}", schema) as writer, \
-            bucket.writer(f"{prefix}/{stats['dropped_list']}") as dropped_list:
-        batches = ((batch.column("conversations").to_pylist(),
-                    batch.column("source_row").to_numpy())
-                   for batch in read_parquet_batches(bucket, source, BATCH_ROWS))
-        for rows in labeller.pipeline(batches):
-            writer.write_table(pa.table(rows.columns, schema=schema))
-            for source_row, reason in rows.dropped:
-                dropped_list.write(json.dumps({"source_row": int(source_row),
-                                               "reason": reason}).encode() + b"\n")
+    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                      ("source_row", pa.int64()), ("length", pa.int32())])
+
+
+def write_part(bucket, prefix, part, results, inputs):
+    """Write one part from the results of its row groups, which come in order, then its marker:
+    the part is done."""
+    name = part["name"]
+    stats = {"path": f"{name}.parquet", "shard": part["shard"], "eval": None,
+             "dropped_list": f"_dropped/{name}.jsonl", "dropped_reasons": {},
+             "end_of_turn": None, **dict.fromkeys(COUNTS, 0)}
+    with contextlib.ExitStack() as files:
+        writer = files.enter_context(parquet_writer(bucket, f"{prefix}/{stats['path']}",
+                                                    model_ready_schema()))
+        dropped_list = files.enter_context(bucket.writer(f"{prefix}/{stats['dropped_list']}"))
+        eval_writer = None
+        for _ in part["groups"]:
+            result = next(results)
+            if result["train"].num_rows:
+                writer.write_table(result["train"])
+            if result["eval"].num_rows:
+                if eval_writer is None:
+                    stats["eval"] = {"path": f"eval/{name}.parquet", "rows": 0}
+                    eval_writer = files.enter_context(parquet_writer(
+                        bucket, f"{prefix}/{stats['eval']['path']}", model_ready_schema()))
+                eval_writer.write_table(result["eval"])
+                stats["eval"]["rows"] += result["eval"].num_rows
+            for source_row, reason, held in result["dropped"]:
+                dropped_list.write(json.dumps({"source_row": source_row, "reason": reason,
+                                               "held_out": held}).encode() + b"\n")
                 stats["dropped_reasons"][reason] = stats["dropped_reasons"].get(reason, 0) + 1
-            stats["rows"] += len(rows.source_rows)
-            stats["tokens"] += rows.tokens
-            stats["trained_tokens"] += rows.trained_tokens
-            stats["truncated"] += rows.truncated
-            stats["dropped"] += len(rows.dropped)
-    bucket.put(marker_key(prefix, index), json.dumps({**stats, "inputs": inputs}, indent=1,
-                                                     sort_keys=True).encode())
-    log(f"shard {stats['path']}: {stats['rows']} rows, {stats['tokens']} tokens "
+            for key in COUNTS:
+                stats[key] += result["counts"][key]
+            stats["end_of_turn"] = result["end_of_turn"]
+    bucket.put(f"{prefix}/_parts/{name}.json", json.dumps({**stats, "inputs": inputs}, indent=1,
+                                                         sort_keys=True).encode())
+    log(f"part {name}: {stats['rows']} rows, {stats['tokens']} tokens "
         f"({stats['trained_tokens']} trained), {stats['truncated']} truncated, "
-        f"{stats['dropped']} dropped")
+        f"{stats['dropped']} dropped, {stats['eval_rows']} held out")
+
+
+def tokenize_row_group(task):
+    """One row group of a standardized shard, in a worker process: its training rows and its
+    held-out rows, each rendered, tokenized and labelled, as tables; the rows dropped, in order
+    (source_row, reason, held out); and the counts."""
+    settings, model_dir, source, group, first_row, dataset_rows = task
+    labeller = labeller_in_this_process(model_dir, settings.chat_template, settings.max_seq_length)
+    table = read_row_group(bucket_in_this_process(settings), source, group)
+    conversations = table.column("conversations").to_pylist()
+    source_rows = table.column("source_row").to_pylist()
+    held = [held_out(first_row + i, settings.eval_rows, dataset_rows)
+            for i in range(len(source_rows))]
+    train, evaluation = (labeller([c for c, h in zip(conversations, held) if h == side],
+                                  [r for r, h in zip(source_rows, held) if h == side])
+                         for side in (False, True))
+    counts = {"rows": len(train.source_rows), "tokens": train.tokens,
+              "trained_tokens": train.trained_tokens, "truncated": train.truncated,
+              "dropped": len(train.dropped) + len(evaluation.dropped),
+              "eval_rows": len(evaluation.source_rows), "eval_tokens": evaluation.tokens,
+              "eval_truncated": evaluation.truncated, "eval_dropped": len(evaluation.dropped)}
+    dropped = sorted([(row, reason, False) for row, reason in train.dropped]
+                     + [(row, reason, True) for row, reason in evaluation.dropped])
+    return {"train": train.table(), "eval": evaluation.table(), "dropped": dropped,
+            "counts": counts, "end_of_turn": labeller.end_of_turn}
+
+
+@functools.cache
+def labeller_in_this_process(model_dir, chat_template, max_seq_length):
+    return Labeller(load_tokenizer(model_dir, chat_template), max_seq_length)
 
 
 # ---------------------------------------------------------------- tokenizer and template
@@ -226,14 +322,13 @@ def load_tokenizer(model_dir, chat_template):
 
 
 class Rows:
-    """A batch's output columns, the rows dropped from it with why, and its counts."""
+    """A batch's output rows, the rows dropped from it with why, and its counts."""
 
     def __init__(self):
         self.ids, self.labels, self.source_rows, self.dropped = [], [], [], []
         self.tokens = self.trained_tokens = self.truncated = 0
 
-    @property
-    def columns(self):
+    def table(self):
         import numpy as np
         import pyarrow as pa
 
@@ -243,8 +338,10 @@ class Rows:
             values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
             return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
 
-        return {"input_ids": list_array(self.ids), "labels": list_array(self.labels),
-                "source_row": pa.array(self.source_rows, pa.int64())}
+        return pa.table({"input_ids": list_array(self.ids), "labels": list_array(self.labels),
+                         "source_row": pa.array(self.source_rows, pa.int64()),
+                         "length": pa.array([len(ids) for ids in self.ids], pa.int32())},
+                        schema=model_ready_schema())
 
 
 class Labeller:
@@ -280,42 +377,25 @@ class Labeller:
                                                   add_generation_prompt=add_generation_prompt)
 
     def __call__(self, conversations, source_rows):
-        """The Rows of one batch."""
-        (rows,) = self.pipeline([(conversations, source_rows)])
-        return rows
-
-    def pipeline(self, batches):
-        """The Rows of each (conversations, source_rows) batch, in order.
-
-        The tokenizer releases the GIL: a batch is tokenized while the next one is read and
-        rendered, and the previous one labelled and written."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1) as tokenizer_thread:
-            pending = None
-            for conversations, source_rows in batches:
-                texts, reasons = self.render_all(conversations)
-                marked = self.render_all([[mark(message) for message in conversation]
-                                          for conversation in conversations])[0]
-                spans = [None if text is None else
-                         self.spans_by_marks(text, marked_text, conversation)
-                         or self.spans_by_prefixes(text, conversation)
-                         for text, marked_text, conversation in zip(texts, marked, conversations)]
-                located = [i for i, s in enumerate(spans) if s]
-                encodings = tokenizer_thread.submit(self.backend.encode_batch,
-                                                    [texts[i] for i in located],
-                                                    add_special_tokens=False)
-                if pending is not None:
-                    yield self.label(*pending)
-                pending = (source_rows, spans, reasons, located, encodings)
-            if pending is not None:
-                yield self.label(*pending)
+        """The Rows of one batch: rendered twice, answers located, tokenized, labelled."""
+        if not conversations:
+            return Rows()
+        texts, reasons = self.render_all(conversations)
+        marked = self.render_all([[mark(message) for message in conversation]
+                                  for conversation in conversations])[0]
+        spans = [None if text is None else
+                 self.spans_by_marks(text, marked_text, conversation)
+                 or self.spans_by_prefixes(text, conversation)
+                 for text, marked_text, conversation in zip(texts, marked, conversations)]
+        located = [i for i, s in enumerate(spans) if s]
+        encodings = self.backend.encode_batch([texts[i] for i in located], add_special_tokens=False)
+        return self.label(source_rows, spans, reasons, located, encodings)
 
     def label(self, source_rows, spans, reasons, located, encodings):
         import numpy as np
 
         rows = Rows()
-        encodings = dict(zip(located, encodings.result()))
+        encodings = dict(zip(located, encodings))
         for i, source_row in enumerate(source_rows):
             if i not in encodings:
                 rows.dropped.append((source_row, reasons[i] or "answers not found in the "

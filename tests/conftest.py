@@ -150,3 +150,16 @@ def descendants(pid):
             found.append(child)
             todo.append(child)
     return found
+
+
+def running(pids):
+    """Those of the processes that still run (a zombie has ended)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive

@@ -56,7 +56,8 @@ def inputs(tiny_model, tmp_path_factory):
     for step in steps:
         output = step.communicate(timeout=300)[0]
         assert step.returncode == 0, output
-    run_step("pretokenize.py", {**env, "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH), "NUM_PROC": "1"})
+    run_step("pretokenize.py", {**env, "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH), "NUM_PROC": "1",
+                                "EVAL_ROWS": "0"})
     manifest = json.loads((work / "bucket" / "model-ready" / MODEL / DATASET / "_manifest.json").read_text())
     assert [shard["rows"] for shard in manifest["shards"]] == list(SHARD_ROWS)
     assert manifest["truncated"] == 0  # so every token of every shard is trained
@@ -280,7 +281,7 @@ def test_packed_loss_equals_unpacked_loss(inputs, tiny_model, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     root, manifest = inputs
     dataset = datasets.Dataset.from_parquet(
-        str(root / "model-ready" / MODEL / DATASET / manifest["shards"][0]["path"]),
+        str(root / "model-ready" / MODEL / DATASET / manifest["shards"][0]["parts"][0]["path"]),
         cache_dir=str(tmp_path / "cache")).select_columns(["input_ids", "labels"]).select(range(16))
     settings = SimpleNamespace(seed=0, batch_size=2, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
                                weight_decay=0.0, max_seq_length=256, packing=True, save_steps=10,

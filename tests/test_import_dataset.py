@@ -5,12 +5,11 @@ import io
 import json
 import signal
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import (FAKE_SECRET, ROOT, bucket_objects, descendants, fixture_path, run_step,
-                      start_step)
+                      running, start_step)
 
 from demo import synthetic
 
@@ -243,19 +242,6 @@ def test_sigkill_after_the_second_shard_then_rerun_gives_identical_shards(s3, tm
     uninterrupted = {k[len("clean/"):]: v for k, v in objects.items() if k.startswith("clean/")}
     assert len([k for k in uninterrupted if k.startswith("raw/k/shard-")]) == 14
     assert after_kill == uninterrupted
-
-
-def running(pids):
-    """Those of the processes that still run (a zombie has ended)."""
-    alive = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
 
 
 def test_one_or_two_processes_and_a_kill_make_the_same_standardized_bytes(s3, tmp_path):

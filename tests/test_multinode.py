@@ -89,7 +89,8 @@ def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_wr
 
     objects = bucket_objects(s3)
     done = json.loads(objects[f"{DONE}/_manifest.json"])
-    assert done["complete"] and done["rows"] == 150
+    model_ready = json.loads(objects[f"model-ready/{demo.MODEL_NAME}/{demo.DATASET_NAME}/_manifest.json"])
+    assert done["complete"] and done["rows"] + model_ready["eval_rows"] == 150
     metrics = json.loads(objects[f"{DONE}/metrics.json"])
     assert metrics["world_size"] == 2
     for index, shard in enumerate(metrics["shards"]):

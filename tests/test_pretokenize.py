@@ -4,6 +4,7 @@ import copy
 import io
 import json
 import shutil
+import signal
 import sys
 import time
 
@@ -11,8 +12,8 @@ import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, fixture_path,
-                      run_step, start_step)
+from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, descendants,
+                      fixture_path, run_step, running, start_step)
 
 import common
 import pretokenize
@@ -191,7 +192,7 @@ def imported(tmp_path_factory):
 def step_env(env, tmp_path, **settings):
     return {**env, "MODEL_NAME": MODEL, "DATASET_NAME": DATASET,
             "MODEL_CACHE_DIR": str(tmp_path / "cache"), "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH),
-            **settings}
+            "EVAL_ROWS": "5", **settings}
 
 
 def upload_tree(root, env):
@@ -204,18 +205,38 @@ def upload_tree(root, env):
 
 
 def read_rows(objects, prefix):
+    """{source_row: row} of the Parquet files under prefix/shard-* (a folder of parts or not)."""
     rows = {}
-    for key, data in objects.items():
-        if key.startswith(prefix + "/shard-"):
+    for key, data in sorted(objects.items()):
+        if key.startswith(prefix + "/shard-") and key.endswith(".parquet"):
             for row in pq.read_table(io.BytesIO(data)).to_pylist():
                 rows[row["source_row"]] = row
     return rows
 
 
+def in_order(objects, prefix):
+    """The standardized rows' source_row, in the dataset's order (their position)."""
+    manifest = json.loads(objects[f"{prefix}/_manifest.json"])
+    return [row for shard in manifest["shards"]
+            for row in pq.read_table(io.BytesIO(objects[f"{prefix}/{shard['path']}"]))
+            .column("source_row").to_pylist()]
+
+
+def held_out(order, eval_rows):
+    """The source rows EVAL_ROWS holds out: spread evenly by position."""
+    return {row for position, row in enumerate(order)
+            if (position + 1) * eval_rows // len(order) > position * eval_rows // len(order)}
+
+
+def dropped_lists(objects):
+    return [json.loads(line) for key, data in sorted(objects.items())
+            if key.startswith(f"{PREFIX}/_dropped/") for line in data.decode().splitlines()]
+
+
 def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, proxy, tmp_path):
     client = upload_tree(imported, s3)
-    # As if a run was killed while uploading a shard: its unfinished upload is aborted.
-    client.create_multipart_upload(Bucket=TEST_BUCKET, Key=f"{PREFIX}/shard-00001.parquet")
+    # As if a run was killed while uploading a part: its unfinished upload is aborted.
+    client.create_multipart_upload(Bucket=TEST_BUCKET, Key=f"{PREFIX}/shard-00001/part-00000.parquet")
     time.sleep(1)  # the server's clock, which tells it from this run's uploads, is in seconds
     result = run_step("pretokenize.py", step_env(s3, tmp_path))
     assert FAKE_SECRET not in result.stdout + result.stderr
@@ -227,18 +248,21 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     conversations = {r["source_row"]: r["conversations"] for r in
                      read_rows(objects, f"standardized/{DATASET}").values()}
     rows = read_rows(objects, PREFIX)
-    dropped = [json.loads(line) for key, data in objects.items()
-               if key.startswith(f"{PREFIX}/_dropped/") for line in data.decode().splitlines()]
-    assert [d["source_row"] for d in dropped] == [3]
-    assert sorted(rows) == sorted(set(conversations) - {3})
+    evaluation = read_rows(objects, f"{PREFIX}/eval")
+    assert [d["source_row"] for d in dropped_lists(objects)] == [3]
+    held = held_out(in_order(objects, f"standardized/{DATASET}"), 5)
+    assert len(held) == 5 and 3 not in held
+    assert sorted(evaluation) == sorted(held)
+    assert sorted(rows) == sorted(set(conversations) - {3} - held)
 
     tokenizer = pretokenize.load_tokenizer(fixture_path("tokenizers", "qwen2.5-0.5b"), "model")
     truncated = 0
-    for source_row, row in rows.items():
+    for source_row, row in {**rows, **evaluation}.items():
+        assert row["length"] == len(row["input_ids"]) == len(row["labels"])
         text = tokenizer.apply_chat_template(conversations[source_row], tokenize=False)
         full = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(full) > MAX_SEQ_LENGTH:
-            truncated += 1
+            truncated += source_row in rows
             assert row["input_ids"] == full[:MAX_SEQ_LENGTH]
             assert trained_runs(row["input_ids"], row["labels"])
         else:
@@ -246,11 +270,28 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
                       "<|im_end|>", False)
     assert truncated >= 1
     assert manifest["complete"] is True
-    assert len(manifest["shards"]) == 3
     assert (manifest["rows"], manifest["dropped"], manifest["truncated"]) == (len(rows), 1, truncated)
+    assert manifest["rows"] + manifest["eval_rows"] + manifest["dropped"] == len(conversations)
     assert manifest["tokens"] == sum(len(r["input_ids"]) for r in rows.values())
     assert manifest["trained_tokens"] == sum(sum(x != -100 for x in r["labels"]) for r in rows.values())
-    assert manifest["inputs"]["max_seq_length"] == MAX_SEQ_LENGTH
+    assert manifest["inputs"]["max_seq_length"] == manifest["max_seq_length"] == MAX_SEQ_LENGTH
+    assert manifest["end_of_turn"] == "<|im_end|>"
+    # What dotrain.py reads: each shard's parts, and the evaluation files, in order.
+    assert [shard["path"] for shard in manifest["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
+    for shard in manifest["shards"]:
+        assert set(shard) == {"path", "rows", "tokens", "trained_tokens", "truncated", "dropped", "parts"}
+        assert [part["path"] for part in shard["parts"]] == [f"{shard['path']}/part-00000.parquet"]
+        part = pq.read_table(io.BytesIO(objects[f"{PREFIX}/{shard['parts'][0]['path']}"]))
+        assert shard["parts"][0] == {"path": shard["parts"][0]["path"], "rows": part.num_rows,
+                                     "tokens": sum(part.column("length").to_pylist())}
+        assert shard["rows"] == part.num_rows
+    assert manifest["eval_rows"] == len(evaluation) == sum(e["rows"] for e in manifest["eval"])
+    listed = {}
+    for entry in manifest["eval"]:
+        table = pq.read_table(io.BytesIO(objects[f"{PREFIX}/{entry['path']}"]))
+        assert table.num_rows == entry["rows"]
+        listed.update({row["source_row"]: row for row in table.to_pylist()})
+    assert listed == evaluation
 
     proxy.clear()
     result = run_step("pretokenize.py", env)
@@ -263,28 +304,78 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     assert proxy.writes() == []
 
 
-def test_two_nodes_make_what_one_node_makes_and_resume_per_shard(imported, tmp_path):
-    bucket = tmp_path / "bucket"
-    shutil.copytree(imported, bucket)
-    env = step_env({"BUCKET_NAME": f"file://{bucket}"}, tmp_path)
-    run_step("pretokenize.py", env)
-    one_node = {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")}
-    shutil.rmtree(bucket / "model-ready")
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory, tiny_tokenizer):
+    """A local bucket with one standardized shard of three row groups (4,500 rows, some too
+    long to keep, one of them held out) and a model with the tiny tokenizer."""
+    work = tmp_path_factory.mktemp("one-shard")
+    rows = synthetic.conversations(4500, seed=6)
+    for at in (10, 299, 2100):  # 299: held out when EVAL_ROWS=30 (every 150th row)
+        rows[at]["conversations"].insert(0, {"from": "system", "value": "Rule of the house. " * 80})
+    (work / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny_tokenizer.save_pretrained(work / "model")
+    from safetensors.numpy import save_file
 
+    save_file({"weight": np.zeros((2, 2), dtype=np.float32)}, str(work / "model" / "model.safetensors"))
+    env = {"BUCKET_NAME": f"file://{work / 'bucket'}", "MODEL_NAME": MODEL, "DATASET_NAME": DATASET}
+    run_step("import-dataset.py", {**env, "DATASET_SOURCE": str(work / "chat.jsonl")})
+    run_step("import-model.py", {**env, "MODEL_SOURCE": str(work / "model")})
+    return work / "bucket"
+
+
+def test_processes_and_nodes_share_the_parts_of_one_shard_and_make_the_same_bytes(one_shard, tmp_path):
+    """One shard in three parts: one node and one process; two processes, killed after the first
+    part; two nodes of one process each. The same bytes, and each part resumes on its own."""
+    bucket = tmp_path / "bucket"
+    shutil.copytree(one_shard, bucket)
+    env = step_env({"BUCKET_NAME": f"file://{bucket}"}, tmp_path, MAX_SEQ_LENGTH="256",
+                   EVAL_ROWS="30", PART_SIZE="1", NUM_PROC="1")
+
+    def output():
+        return {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")}
+
+    run_step("pretokenize.py", env)
+    reference = output()
+    manifest = json.loads(reference[f"{PREFIX}/_manifest.json"])
+    assert [[part["rows"] for part in shard["parts"]] for shard in manifest["shards"]] == \
+        [[2000 - 13 - 1, 2000 - 13 - 1, 500 - 4]]  # row groups of 2,000 rows; 30 held out, 3 dropped
+    assert [d["source_row"] for d in dropped_lists(reference)] == [10, 299, 2100]
+    assert [d["held_out"] for d in dropped_lists(reference)] == [False, True, False]
+    assert (manifest["dropped"], manifest["eval_dropped"], manifest["eval_rows"]) == (3, 1, 29)
+    evaluation = read_rows(reference, f"{PREFIX}/eval")
+    assert sorted(evaluation) == sorted(held_out(list(range(4500)), 30) - {299})
+    assert [e["path"] for e in manifest["eval"]] == [f"eval/shard-00000/part-0000{i}.parquet" for i in range(3)]
+
+    shutil.rmtree(bucket / "model-ready")
+    process = start_step("pretokenize.py", {**env, "NUM_PROC": "2"})
+    for line in process.stdout:
+        if "part shard-00000/part-00000:" in line:
+            workers = descendants(process.pid)
+            process.send_signal(signal.SIGKILL)
+            break
+    assert process.wait(timeout=60) == -signal.SIGKILL and workers
+    assert not (bucket / PREFIX / "_manifest.json").exists()
+    deadline = time.time() + 10
+    while running(workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not running(workers), "a process of the killed run outlived it"
+    result = run_step("pretokenize.py", {**env, "NUM_PROC": "2"})
+    assert "2 of 3 parts to tokenize" in result.stdout
+    assert output() == reference
+
+    shutil.rmtree(bucket / "model-ready")
     nodes = [start_step("pretokenize.py", {**env, "SKYPILOT_NUM_NODES": "2",
                                            "SKYPILOT_NODE_RANK": str(rank)}) for rank in (0, 1)]
-    for node in nodes:
-        output = node.communicate(timeout=300)[0]
-        assert node.returncode == 0, output
-    two_nodes = {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")}
-    assert two_nodes == one_node
-    assert json.loads(two_nodes[f"{PREFIX}/_manifest.json"])["complete"] is True
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "node 0 of 2: 2 of 2 parts" in outputs[0] and "node 1 of 2: 1 of 1 parts" in outputs[1]
+    assert output() == reference
 
-    # As if killed after shard 0 and 2 were committed: only shard 1 is made again.
+    # As if killed after parts 0 and 2 were committed: only part 1 is made again.
     (bucket / PREFIX / "_manifest.json").unlink()
-    (bucket / PREFIX / "_shards" / "shard-00001.json").unlink()
-    kept = (bucket / PREFIX / "shard-00000.parquet").stat().st_mtime_ns
+    (bucket / PREFIX / "_parts" / "shard-00000" / "part-00001.json").unlink()
+    kept = (bucket / PREFIX / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns
     time.sleep(0.01)
-    run_step("pretokenize.py", env)
-    assert (bucket / PREFIX / "shard-00000.parquet").stat().st_mtime_ns == kept
-    assert {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")} == one_node
+    assert "1 of 3 parts to tokenize" in run_step("pretokenize.py", env).stdout
+    assert (bucket / PREFIX / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns == kept
+    assert output() == reference

@@ -31,7 +31,8 @@ STEPS = ("import-dataset.py", "import-model.py", "pretokenize.py", "dotrain.py")
 DATA_PREFIXES = ("raw/", "standardized/", "models/", "model-ready/")
 TRAINING = {"MAX_SEQ_LENGTH": "128", "BATCH_SIZE": "2", "GRAD_ACCUM": "1", "WARMUP_STEPS": "1",
             "LEARNING_RATE": "1e-3", "LORA_R": "4", "SAVE_STEPS": "1", "NUM_PROC": "1",
-            "SAMPLE_PROMPT": "The car is red. What color is the car?", "OMP_NUM_THREADS": "1"}
+            "SAMPLE_PROMPT": "The car is red. What color is the car?", "OMP_NUM_THREADS": "1",
+            "EVAL_ROWS": "3"}
 KILLS = 5
 
 
@@ -174,9 +175,10 @@ def check_manifests(objects, reference):
         if manifest.get("complete"):
             assert without_rebuild_mark(key, data) == reference[key], key
             folder = key.rsplit("/", 1)[0]
-            for entry in manifest["shards"]:
-                name = f"{folder}/{entry['path']}"
-                assert objects.get(name) == reference[name], name
+            for entry in manifest["shards"] + manifest.get("eval", []):
+                for listed in entry.get("parts", [entry]):  # model-ready: a shard's parts
+                    name = f"{folder}/{listed['path']}"
+                    assert objects.get(name) == reference[name], name
 
 
 def kill_at(env, step, seconds, until=None):
