@@ -314,6 +314,16 @@ def load_tokenizer(model_dir, chat_template):
                         "pretokenize.py needs to map answers to tokens: use a model that ships "
                         "tokenizer.json")
     if chat_template == "chatml":
+        # Else `<|im_end|>` would be trained as a few ordinary tokens, and generation, which
+        # stops at one token, would not stop.
+        split = [token for token in ("<|im_start|>", "<|im_end|>")
+                 if len(tokenizer.backend_tokenizer.encode(token, add_special_tokens=False)) != 1]
+        if split:
+            fix = ("use the model's own chat template (CHAT_TEMPLATE=model)" if tokenizer.chat_template
+                   else "use a model that has a chat template or these tokens")
+            raise UserError(f"CHAT_TEMPLATE=chatml needs {' and '.join(split)} to be one token "
+                            f"each, and the tokenizer in {model_dir} splits them into ordinary "
+                            f"tokens: {fix}")
         tokenizer.chat_template = CHATML_TEMPLATE
     elif not tokenizer.chat_template:
         raise UserError(f"the tokenizer in {model_dir} has no chat template: set "

@@ -163,3 +163,18 @@ def running(pids):
         if state != "Z":
             alive.append(pid)
     return alive
+
+
+def without_chatml_tokens(directory, chat_template=None):
+    """A byte-level BPE tokenizer whose vocabulary has no <|im_start|> or <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(["The sky is blue. What color is the sky?"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>",
+                            chat_template=chat_template).save_pretrained(directory)
+    return directory

@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, run_step,
-                      start_step)
+                      start_step, without_chatml_tokens)
 
 sys.path.insert(0, str(ROOT / "demo"))
 MODEL, DATASET = "tiny/qwen2", "synthetic/colors"
@@ -112,6 +112,13 @@ def remove_template(directory):
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+def no_chatml_tokens(env, made, tmp):
+    env = model_dir(lambda directory: without_chatml_tokens(directory, "{{ messages }}"))(env, made, tmp)
+    imported(env, made, tmp)
+    run_step("import-model.py", {**env, "FORCE": "1"})
+    return env
+
+
 def replaced_model_file(env, made, tmp):
     imported(env, made, tmp)
     key = f"models/{MODEL}/tokenizer.json"
@@ -170,6 +177,9 @@ CASES = [  # (name, setup, step, env changes, what the message starts with or co
     ("EVAL_ROWS holding out every row", imported, "pretokenize.py", {"EVAL_ROWS": "40"},
      f"EVAL_ROWS=40 holds out all 40 rows of s3://{TEST_BUCKET}/standardized/{DATASET}, leaving "
      "nothing to train on: lower EVAL_ROWS"),
+    ("ChatML on a vocabulary without its tokens", no_chatml_tokens, "pretokenize.py",
+     {"CHAT_TEMPLATE": "chatml"}, "CHAT_TEMPLATE=chatml needs <|im_start|> and <|im_end|> to be one "
+     "token each"),
 ]
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, descendants,
-                      fixture_path, run_step, running, start_step)
+                      fixture_path, run_step, running, start_step,
+                      without_chatml_tokens)
 
 import common
 import pretokenize
@@ -157,6 +158,18 @@ def test_a_template_is_required_unless_chatml_is_asked(tiny_tokenizer, tmp_path)
     conversation = standardized(synthetic.conversations(1))[0]
     rows = pretokenize.Labeller(chatml, 10_000)([conversation], [0])
     check_row(chatml, conversation, rows.ids[0], rows.labels[0], "<|im_end|>", False)
+
+
+def test_chatml_is_refused_on_a_vocabulary_without_its_tokens(tmp_path):
+    own = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    with pytest.raises(common.UserError, match=r"CHAT_TEMPLATE=chatml needs <\|im_start\|> and "
+                       r"<\|im_end\|> to be one token each.*use the model's own chat template "
+                       r"\(CHAT_TEMPLATE=model\)"):
+        pretokenize.load_tokenizer(str(without_chatml_tokens(tmp_path / "own", own)), "chatml")
+    with pytest.raises(common.UserError, match="splits them into ordinary tokens: use a model that has"):
+        pretokenize.load_tokenizer(str(without_chatml_tokens(tmp_path / "none")), "chatml")
+    labeller = pretokenize.Labeller(pretokenize.load_tokenizer(str(tmp_path / "own"), "model"), 100)
+    assert labeller.end_of_turn == "</s>"
 
 
 # ---------------------------------------------------------------- the step
