@@ -26,6 +26,7 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) bench/import_memory.py
+	$(PY) bench/import_throughput.py
 	$(PY) bench/pretokenize_throughput.py
 	$(PY) bench/rerun.py
 	$(PY) bench/transfer.py

@@ -10,7 +10,8 @@ times in the same run:
 - ours, down: common.download_model into an empty cache (downloads in parallel, checks each
   file's sha256 against the manifest);
 - `aws s3 sync` of the same directory up, then down into an empty directory.
-Target: ours at least as fast as `aws s3 sync`, each way. Results go to
+Target: ours at least as fast as `aws s3 sync`, each way. The CPU seconds of each command
+are recorded too (steadier than wall times on a shared machine). Results go to
 bench/results/transfer.json.
 """
 
@@ -44,7 +45,7 @@ def main():
         size = make_model_dir(work / "model", int(args.size_gb * 1e9), args.files)
         with moto_server() as endpoint:
             env = bench_env(endpoint, work)
-            seconds = {
+            runs = {
                 "ours_up": timed([sys.executable, "import-model.py"],
                                  {**env, "MODEL_NAME": MODEL_NAME, "MODEL_SOURCE": str(work / "model")}),
                 "aws_up": timed([aws(), "s3", "sync", "--only-show-errors", str(work / "model"),
@@ -54,12 +55,14 @@ def main():
                 "aws_down": timed([aws(), "s3", "sync", "--only-show-errors", f"s3://{BUCKET}/aws/",
                                    str(work / "aws-down")], env),
             }
+    seconds = {name: wall for name, (wall, _) in runs.items()}
     mb_per_s = {name: round(size / 1e6 / value, 1) for name, value in seconds.items()}
     met = {"up": seconds["ours_up"] <= seconds["aws_up"], "down": seconds["ours_down"] <= seconds["aws_down"]}
     results = {
         "benchmark": "transfer", "command": "bench/transfer.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "bytes": size, "files": args.files + 1,
         "seconds": {k: round(v, 2) for k, v in seconds.items()}, "mb_per_s": mb_per_s,
+        "cpu_seconds": {name: round(cpu, 2) for name, (_, cpu) in runs.items()},
         "met": met,
         "table": [{"benchmark": f"transfer {way} ({size / 1e9:.1f} GB, moto)",
                    "figure": f"ours {mb_per_s[f'ours_{way}']} MB/s, aws s3 sync {mb_per_s[f'aws_{way}']} MB/s",
@@ -69,7 +72,7 @@ def main():
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results["table"], indent=1))
+    print(json.dumps({key: results[key] for key in ("seconds", "cpu_seconds", "table")}, indent=1))
     print(f"results in {output}")
 
 
@@ -131,9 +134,13 @@ def aws():
 
 
 def timed(command, env):
+    """Seconds the command ran, and the CPU seconds it used."""
     began = time.time()
-    subprocess.run(command, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return time.time() - began
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), command)
+    return time.time() - began, usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":
