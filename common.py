@@ -434,32 +434,19 @@ def open_bucket(settings):
     return bucket
 
 
-def bucket_in_this_process(settings):
-    """The bucket, opened once per process: what a worker process opens from the settings it is
-    given (a Bucket holds clients that cannot be sent to another process)."""
-    where = (settings.bucket_name, settings.aws_endpoint_url_s3, settings.aws_region,
-             settings.s3_timeout)
-    if where not in _buckets:
-        _buckets[where] = Bucket(settings)
-    return _buckets[where]
-
-
-_buckets = {}
-
-
 # ---------------------------------------------------------------- worker processes
 
 
-def in_order(function, tasks, num_proc):
-    """function(task) of each task, in the order of the tasks, computed by num_proc processes.
+def in_order(function, tasks, workers):
+    """function(task) of each task, in the order of the tasks, computed by worker processes.
 
-    At most num_proc tasks are in flight, so memory does not grow with the number of tasks, and
-    the results come in order whatever the number of processes: the output is the same bytes.
-    Workers are spawned, not forked: this process already runs s3fs's threads, which a fork
-    would copy in whatever state they are. Each worker exits when this process is gone, so that
-    a killed run leaves none behind. With one process, or one task, all runs here."""
-    tasks = list(tasks)
-    workers = min(num_proc, len(tasks))
+    The tasks are taken from their iterator as workers free up, at most `workers` in flight,
+    so memory does not grow with their number; the results come in order whatever the number
+    of workers: the output is the same bytes. This process does the I/O (it reads the tasks'
+    data and writes the results), the workers compute. They are spawned, not forked: this
+    process already runs s3fs's threads, which a fork would copy in whatever state they are.
+    Each worker exits when this process is gone, so that a killed run leaves none behind. With
+    one worker, everything runs here."""
     if workers <= 1:
         yield from map(function, tasks)
         return
@@ -747,13 +734,15 @@ def row_group_sizes(bucket, key):
         return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
 
 
-def read_row_group(bucket, key, index):
-    """One row group of a Parquet object, as a table: the unit that worker processes share."""
+def read_row_groups(bucket, key, groups=None):
+    """The row groups of a Parquet object (those numbered in `groups`, or all), in order, as
+    tables: the object is read once, ahead in blocks, one row group held at a time."""
     import pyarrow.parquet as pq
 
-    # No read-ahead: the footer and the row group's columns are read by range, nothing more.
-    with _parquet_errors(bucket, key), bucket.fs.open(bucket.path(key), "rb", cache_type="none") as f:
-        return pq.ParquetFile(f, pre_buffer=True).read_row_group(index)
+    with _parquet_errors(bucket, key), bucket.fs.open(bucket.path(key), "rb", block_size=8 * 2**20) as f:
+        parquet = pq.ParquetFile(f, pre_buffer=False)
+        for group in range(parquet.num_row_groups) if groups is None else groups:
+            yield parquet.read_row_group(group)
 
 
 @contextlib.contextmanager

@@ -15,11 +15,10 @@ import os
 
 os.environ.setdefault("USE_TORCH", "0")  # datasets would import torch (250 MB) for nothing here
 
-from common import (Setting, UserError, abort_stale_uploads, bucket_in_this_process, fingerprint,
-                    hub_errors, in_order, log, manifest_fingerprint, open_bucket, parquet_writer,
-                    parse_settings, raw_prefix, read_manifest, read_row_group, resume_or_start,
-                    row_group_sizes, run, shard_name, standardized_prefix, with_rebuild,
-                    write_manifest)
+from common import (Setting, UserError, abort_stale_uploads, fingerprint, hub_errors, in_order, log,
+                    manifest_fingerprint, open_bucket, parquet_writer, parse_settings, raw_prefix,
+                    read_manifest, read_row_groups, resume_or_start, row_group_sizes, run,
+                    shard_name, standardized_prefix, with_rebuild, write_manifest)
 
 SETTINGS = [
     Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
@@ -306,8 +305,8 @@ def clean(turns):
 def standardize(settings, bucket, raw):
     """Standardize each raw shard into the shard of the same number, listing every reject.
 
-    The raw shards' row groups are standardized in NUM_PROC processes, each reading its own
-    from the bucket, and written back in order: the same bytes whatever NUM_PROC."""
+    The raw shards are read row group by row group; the row groups are standardized in NUM_PROC
+    processes and written back in order: the same bytes whatever NUM_PROC."""
     prefix = standardized_prefix(settings.dataset_name)
     code = [inspect.getsource(f) for f in (to_conversation, as_turns, text_of, clean)]
     inputs = with_rebuild({"step": "standardized/1", "raw_manifest": manifest_fingerprint(raw),
@@ -321,12 +320,16 @@ def standardize(settings, bucket, raw):
     keys = {index: f"{raw_prefix(settings.dataset_name)}/{raw['shards'][index]['path']}"
             for index in todo}
     sizes = {index: row_group_sizes(bucket, keys[index]) for index in todo}
-    tasks, source_row = [], sum(s["rows"] for s in raw["shards"][:len(manifest["shards"])])
-    for index in todo:
-        for group, rows in enumerate(sizes[index]):
-            tasks.append((settings, keys[index], group, source_row))
-            source_row += rows
-    with contextlib.closing(in_order(standardize_rows, tasks, settings.num_proc)) as results:
+
+    def row_groups():
+        source_row = sum(shard["rows"] for shard in raw["shards"][:len(manifest["shards"])])
+        for index in todo:
+            for table in read_row_groups(bucket, keys[index]):
+                yield table, source_row, settings.format
+                source_row += table.num_rows
+
+    workers = min(settings.num_proc, sum(map(len, sizes.values())))
+    with contextlib.closing(in_order(standardize_rows, row_groups(), workers)) as results:
         for index in todo:
             entry = {"path": shard_name(index), "rejected": f"_rejected/{shard_name(index, 'jsonl')}",
                      "rows": 0, "dropped": {}, "altered": {}}
@@ -376,13 +379,14 @@ def standardized_schema():
 
 
 def standardize_rows(task):
-    """One row group of a raw shard, in a worker process: the rows kept as a table, the lines of
-    the rejected list, and how many rows each change dropped or altered."""
+    """One row group of a raw shard (its first row's number, the FORMAT), in a worker process:
+    the rows kept as a table, the lines of the rejected list, and how many rows each change
+    dropped or altered."""
     import pyarrow as pa
 
-    settings, key, group, source_row = task
-    table = read_row_group(bucket_in_this_process(settings), key, group)
-    fmt = detect_format(table.column_names) if settings.format == "auto" else settings.format
+    table, source_row, fmt = task
+    if fmt == "auto":
+        fmt = detect_format(table.column_names)
     kept = {"conversations": [], "source_row": []}
     lines, counts = [], {"dropped": {}, "altered": {}}
     for row in table.to_pylist():

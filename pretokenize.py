@@ -18,7 +18,7 @@ The tokenizer comes from the bucket's copy of the model (import-model.py), never
 Hub. Rows longer than MAX_SEQ_LENGTH tokens are truncated and counted; rows left without a
 trained token are dropped and listed. EVAL_ROWS rows, spread evenly over the whole dataset
 by their position among the standardized rows, are held out. Row groups are rendered and
-tokenized by NUM_PROC worker processes and written in order. On several SkyPilot nodes, node
+tokenized by NUM_PROC worker processes (this one reads and writes) and written in order. On several SkyPilot nodes, node
 SKYPILOT_NODE_RANK takes every SKYPILOT_NUM_NODES-th part of all the shards' parts; each part
 is committed on its own, so a rerun continues where it stopped and a finished run writes
 nothing. The output is the same bytes whatever NUM_PROC and the number of nodes.
@@ -30,10 +30,10 @@ import json
 import os
 
 from common import (CHATML_TEMPLATE, MODEL_CACHE_SETTING, Conflict, Setting, UserError,
-                    abort_stale_uploads, bucket_in_this_process, download_model, fingerprint,
+                    abort_stale_uploads, download_model, fingerprint,
                     in_order, log, manifest_fingerprint, model_fingerprint, model_prefix,
                     model_ready_prefix, open_bucket, parquet_writer, parse_settings, read_manifest,
-                    read_row_group, refuse_other_inputs, require_complete, row_group_sizes, run,
+                    read_row_groups, refuse_other_inputs, require_complete, row_group_sizes, run,
                     same_inputs, standardized_prefix, with_rebuild, write_manifest)
 
 SETTINGS = [
@@ -95,10 +95,19 @@ def main():
     log(f"node {settings.skypilot_node_rank} of {settings.skypilot_num_nodes}: {len(todo)} of "
         f"{len(mine)} parts to tokenize ({len(parts)} parts in all)")
     if todo:
-        model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
-        tasks = [(settings, model_dir, part["source"], group, first_row, standardized["rows"])
-                 for part in todo for group, first_row in part["groups"]]
-        with contextlib.closing(in_order(tokenize_row_group, tasks, settings.num_proc)) as results:
+        job = {"model_dir": download_model(bucket, settings.model_name, settings.model_cache_dir),
+               "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
+               "eval_rows": settings.eval_rows, "dataset_rows": standardized["rows"]}
+
+        def row_groups():
+            for part in todo:
+                groups = [group for group, _ in part["groups"]]
+                for table, (_, first_row) in zip(read_row_groups(bucket, part["source"], groups),
+                                                 part["groups"]):
+                    yield job, table, first_row
+
+        workers = min(settings.num_proc, sum(len(part["groups"]) for part in todo))
+        with contextlib.closing(in_order(tokenize_row_group, row_groups(), workers)) as results:
             for part in todo:
                 write_part(bucket, prefix, part, results, inputs)
     write_manifest_if_all_done(bucket, prefix, inputs, parts)
@@ -273,15 +282,15 @@ def write_part(bucket, prefix, part, results, inputs):
 
 
 def tokenize_row_group(task):
-    """One row group of a standardized shard, in a worker process: its training rows and its
-    held-out rows, each rendered, tokenized and labelled, as tables; the rows dropped, in order
-    (source_row, reason, held out); and the counts."""
-    settings, model_dir, source, group, first_row, dataset_rows = task
-    labeller = labeller_in_this_process(model_dir, settings.chat_template, settings.max_seq_length)
-    table = read_row_group(bucket_in_this_process(settings), source, group)
+    """One row group of a standardized shard (and the position of its first row in the dataset),
+    in a worker process: its training rows and its held-out rows, each rendered, tokenized and
+    labelled, as tables; the rows dropped, in order (source_row, reason, held out); the counts."""
+    job, table, first_row = task
+    labeller = labeller_in_this_process(job["model_dir"], job["chat_template"],
+                                        job["max_seq_length"])
     conversations = table.column("conversations").to_pylist()
     source_rows = table.column("source_row").to_pylist()
-    held = [held_out(first_row + i, settings.eval_rows, dataset_rows)
+    held = [held_out(first_row + i, job["eval_rows"], job["dataset_rows"])
             for i in range(len(source_rows))]
     train, evaluation = (labeller([c for c, h in zip(conversations, held) if h == side],
                                   [r for r, h in zip(source_rows, held) if h == side])
