@@ -437,16 +437,17 @@ def open_bucket(settings):
 # ---------------------------------------------------------------- worker processes
 
 
-def in_order(function, tasks, workers):
+def in_order(function, tasks, workers, preload=()):
     """function(task) of each task, in the order of the tasks, computed by worker processes.
 
     The tasks are taken from their iterator as workers free up, at most `workers` in flight,
     so memory does not grow with their number; the results come in order whatever the number
     of workers: the output is the same bytes. This process does the I/O (it reads the tasks'
-    data and writes the results), the workers compute. They are spawned, not forked: this
-    process already runs s3fs's threads, which a fork would copy in whatever state they are.
-    Each worker exits when this process is gone, so that a killed run leaves none behind. With
-    one worker, everything runs here."""
+    data and writes the results), the workers compute. They are not forked from this process,
+    which already runs s3fs's threads (a fork would copy them in whatever state they are), but
+    from multiprocessing's fork server, a fresh process that imports the `preload` modules
+    once: each worker starts at once and shares them. Each worker exits when this process is
+    gone, so that a killed run leaves none behind. With one worker, everything runs here."""
     if workers <= 1:
         yield from map(function, tasks)
         return
@@ -454,8 +455,9 @@ def in_order(function, tasks, workers):
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_exit_with, initargs=(os.getpid(),))
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", *preload])  # (read when the server starts)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with_parent)
     try:
         in_flight = deque()
         for task in tasks:
@@ -468,17 +470,14 @@ def in_order(function, tasks, workers):
         pool.shutdown(wait=False, cancel_futures=True)  # the workers end while this one goes on
 
 
-def _exit_with(parent):
+def _exit_with_parent():
     """In a worker process: exit as soon as the process that started it is gone (a SIGKILL
     gives it no chance to stop its workers)."""
+    import multiprocessing
     import threading
 
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=lambda: (parent.join(), os._exit(1)), daemon=True).start()
 
 
 @contextlib.contextmanager

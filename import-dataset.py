@@ -329,7 +329,8 @@ def standardize(settings, bucket, raw):
                 source_row += table.num_rows
 
     workers = min(settings.num_proc, sum(map(len, sizes.values())))
-    with contextlib.closing(in_order(standardize_rows, row_groups(), workers)) as results:
+    with contextlib.closing(in_order(standardize_rows, row_groups(), workers,
+                                     preload=["pyarrow"])) as results:
         for index in todo:
             entry = {"path": shard_name(index), "rejected": f"_rejected/{shard_name(index, 'jsonl')}",
                      "rows": 0, "dropped": {}, "altered": {}}

@@ -61,6 +61,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 ANSWER_MARK = "\ue000"  # a private-use character, placed around each answer in a second rendering
 NOT_TRAINED = -100
+# What AutoTokenizer imports (torch with it): imported once, in the workers' fork server.
+TOKENIZER_MODULE = "transformers.models.auto.tokenization_auto"
 COUNTS = ("rows", "tokens", "trained_tokens", "truncated", "dropped", "eval_rows", "eval_tokens",
           "eval_truncated", "eval_dropped")
 
@@ -107,7 +109,8 @@ def main():
                     yield job, table, first_row
 
         workers = min(settings.num_proc, sum(len(part["groups"]) for part in todo))
-        with contextlib.closing(in_order(tokenize_row_group, row_groups(), workers)) as results:
+        with contextlib.closing(in_order(tokenize_row_group, row_groups(), workers,
+                                         preload=[TOKENIZER_MODULE])) as results:
             for part in todo:
                 write_part(bucket, prefix, part, results, inputs)
     write_manifest_if_all_done(bucket, prefix, inputs, parts)
