@@ -26,12 +26,11 @@ overlapping that work gains. Results go to bench/results/pretokenize_throughput.
 """
 
 import argparse
+import contextlib
 import json
-import multiprocessing
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -277,23 +276,33 @@ def child(method):
 
 
 class Clock:
-    """Wall time, and CPU time of the whole process (every thread) and of the worker processes
-    it started while it runs."""
+    """Wall time, and CPU time of the whole process (every thread) and of the processes it
+    starts (the workers, children of multiprocessing's fork server, as sampled every 50 ms)
+    while it runs."""
 
     def __enter__(self):
-        self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+        import psutil
+        import threading
+
+        self.wall, self.cpu, self.descendants = time.perf_counter(), time.process_time(), {}
+        self.running = True
+
+        def sample():
+            while self.running:
+                for process in psutil.Process().children(recursive=True):
+                    with contextlib.suppress(psutil.Error):  # (ended meanwhile)
+                        self.descendants[process.pid] = sum(process.cpu_times()[:2])
+                time.sleep(0.05)
+
+        self.sampler = threading.Thread(target=sample, daemon=True)
+        self.sampler.start()
         return self
 
     def __exit__(self, *exception):
         self.wall = time.perf_counter() - self.wall
-        while multiprocessing.active_children():  # the workers' CPU time counts once they end
-            time.sleep(0.05)
-        self.cpu = cpu_seconds() - self.cpu
-
-
-def cpu_seconds():
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+        self.running = False
+        self.sampler.join()
+        self.cpu = time.process_time() - self.cpu + sum(self.descendants.values())
 
 
 def original_method(bucket, keys):
