@@ -378,23 +378,18 @@ class Bucket:
         f.close()
 
     def upload(self, local_path, key):
-        """Stream a local file into an object, which appears whole or not at all; the size and
-        the sha256 of the bytes sent.
+        """Stream a local file into an object; it appears whole or not at all.
 
-        The file is read once, in order, and hashed as it is handed over. Given a reader that
-        cannot seek, boto3's transfer manager reads it part by part in one thread and sends up
-        to 10 parts at once, as `aws s3 sync` does: as fast as the CLI (bench/transfer.py)."""
-        with open(local_path, "rb") as f:
-            reader = _HashingReader(f)
-            if self.is_local:
-                with self.writer(key) as out:
-                    shutil.copyfileobj(reader, out, 8 * 2**20)
-            else:
-                from boto3.s3.transfer import TransferConfig
+        boto3's transfer manager reads and sends up to 10 parts at once, as `aws s3 sync` does
+        (bench/transfer.py)."""
+        if self.is_local:
+            with open(local_path, "rb") as source, self.writer(key) as f:
+                shutil.copyfileobj(source, f, 8 * 2**20)
+            return
+        from boto3.s3.transfer import TransferConfig
 
-                self.client.upload_fileobj(reader, self.name, self.key_of(key), Config=TransferConfig(
-                    multipart_chunksize=8 * 2**20, max_concurrency=10))
-        return reader.size, reader.digest.hexdigest()
+        self.client.upload_file(local_path, self.name, self.key_of(key), Config=TransferConfig(
+            multipart_chunksize=8 * 2**20, max_concurrency=10))
 
     def download(self, key, local_path):
         self.fs.get_file(self.path(key), local_path)
@@ -412,20 +407,6 @@ class Bucket:
         for entry in self.fs.ls(self.path(prefix), detail=False):
             if mine(entry.rstrip("/").rsplit("/", 1)[-1]):
                 self.fs.rm(entry, recursive=True)
-
-
-class _HashingReader:
-    """A file's bytes, hashed as they are read. It has no seek(): a reader of it (boto3) must
-    read it once, in order."""
-
-    def __init__(self, file):
-        self.file, self.digest, self.size = file, hashlib.sha256(), 0
-
-    def read(self, size=-1):
-        data = self.file.read(size)
-        self.digest.update(data)
-        self.size += len(data)
-        return data
 
 
 def open_bucket(settings):
