@@ -293,7 +293,7 @@ part inputs setup.log 90 make_inputs
 if [ "$SMOKE" = 1 ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   UNSLOTH_RUN+=(TRAIN_BACKEND=peft)  # no CUDA: the same lines, trained with peft
 fi
-part unsloth unsloth.log 180 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}"
+part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}"
 part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}"
 if [ "$SMOKE" = 1 ]; then
   note gpu_train skipped "GPU_PROOF_SMOKE=1"
