@@ -19,8 +19,10 @@ Trimmed (each repacked as a valid wheel, its RECORD rewritten):
 Left out, each imported only behind a guard or on a path the pipeline does not take:
 unsloth_zoo's cut_cross_entropy (unsloth_zoo turns it off on torch >= 2.8), torchao (loaded only
 if present), xformers (optional; its wheels are built for one torch), msgspec (vLLM only), tyro,
-hf_transfer and diffusers (never imported by unsloth 2026.10.9), and moto[server]'s extras for
-other services (cfn-lint, docker, aws-xray-sdk, graphql-core, ...).
+hf_transfer and diffusers (never imported by unsloth 2026.10.9), pycparser (cffi needs it to
+compile bindings, not to load cryptography's), and moto[server]'s extras for other services
+(cfn-lint, docker, aws-xray-sdk, graphql-core, ...). Flask's werkzeug, click and jinja2 are the
+image's.
 """
 
 import argparse
