@@ -36,6 +36,8 @@ SETTINGS = [
     Setting("CHAT_TEMPLATE", "model", "model: the model's own chat template; chatml: ChatML "
             "(for a model that has none)", choices=("model", "chatml")),
     Setting("NUM_PROC", os.cpu_count(), "CPU cores to tokenize with", int, minimum=1),
+    Setting("EVAL_ROWS", 200, "conversations held out of training for the evaluation loss, spread "
+            "evenly over the whole dataset (at most a tenth of it; 0: none)", int, minimum=0),
     MODEL_CACHE_SETTING,
     Setting("SKYPILOT_NODE_RANK", 0, "this node's number (set by SkyPilot)", int, minimum=0),
     Setting("SKYPILOT_NUM_NODES", 1, "how many nodes share the work (set by SkyPilot)", int,
@@ -59,10 +61,14 @@ def main():
     model = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     inputs = json.loads(json.dumps(with_rebuild({  # as it reads back from markers and manifest
-        "step": "model-ready/1", "standardized": manifest_fingerprint(standardized),
+        "step": "model-ready/2", "standardized": manifest_fingerprint(standardized),
         "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
-        "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length},
-        settings, "pretokenize")))
+        "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
+        "eval_rows": settings.eval_rows}, settings, "pretokenize")))
+    held_out = min(settings.eval_rows, standardized["rows"] // 10)
+    if held_out < settings.eval_rows:
+        log(f"EVAL_ROWS={settings.eval_rows} is more than a tenth of the dataset's "
+            f"{standardized['rows']} rows: holding out {held_out}")
     replace = settings.force or "rebuild" in inputs  # consent to replace what other inputs made
     if finished(bucket, prefix, inputs, replace):
         return
@@ -70,7 +76,9 @@ def main():
                for shard in standardized["shards"]]
     mine = range(settings.skypilot_node_rank, len(sources), settings.skypilot_num_nodes)
     todo = [index for index in mine if not shard_done(bucket, prefix, index, inputs, replace)]
-    my_objects = {name for index in mine for name in (shard_name(index), dropped_list_name(index))}
+    my_objects = {name for index in mine for name in (
+        f"{shard_name(index, '')[:-1]}/part-00000.parquet", f"_eval/{shard_name(index)}",
+        dropped_list_name(index))}
     abort_stale_uploads(bucket, prefix, lambda name: name in my_objects)
     log(f"node {settings.skypilot_node_rank} of {settings.skypilot_num_nodes}: {len(todo)} of "
         f"{len(mine)} shards to tokenize")
@@ -78,8 +86,11 @@ def main():
         model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
         labeller = Labeller(load_tokenizer(model_dir, settings.chat_template),
                             settings.max_seq_length)
+        first_rows = [sum(shard["rows"] for shard in standardized["shards"][:index])
+                      for index in range(len(sources))]
         for index in todo:
-            pretokenize_shard(bucket, sources[index], prefix, index, labeller, inputs)
+            pretokenize_shard(bucket, sources[index], prefix, index, labeller, inputs,
+                              HeldOut(held_out, standardized["rows"], first_rows[index]))
     write_manifest_if_all_done(bucket, prefix, inputs, len(sources))
 
 
@@ -153,14 +164,18 @@ def write_manifest_if_all_done(bucket, prefix, inputs, count):
         log(f"{len(done)} of {count} shards finished: the node that finishes the last one "
             "writes the manifest")
         return
-    shards = [{k: v for k, v in marker.items() if k != "inputs"} for marker in done]
+    shards = [{k: v for k, v in marker.items() if k not in ("inputs", "eval", "end_of_turn")}
+              for marker in done]
     totals = {key: sum(shard[key] for shard in shards)
               for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped")}
+    held_out = [marker["eval"] for marker in done if marker["eval"]["rows"]]
     if totals["rows"] == 0:
         raise UserError(f"every row was dropped (the reasons are in {bucket.url(prefix)}/"
                         "_dropped/): raise MAX_SEQ_LENGTH, or check the chat template")
     manifest = {"complete": True, "inputs": inputs, "shards": shards, **totals,
-                "max_seq_length": inputs["max_seq_length"]}
+                "max_seq_length": inputs["max_seq_length"], "eval": held_out,
+                "eval_rows": sum(entry["rows"] for entry in held_out),
+                "end_of_turn": done[0]["end_of_turn"]}
     try:
         write_manifest(bucket, prefix, manifest, if_none_match=True)
     except Conflict:
@@ -174,36 +189,70 @@ def write_manifest_if_all_done(bucket, prefix, inputs, count):
 # ---------------------------------------------------------------- a shard
 
 
-def pretokenize_shard(bucket, source, prefix, index, labeller, inputs):
-    """Tokenize the standardized shard `source` into the model-ready shard number `index`."""
+class HeldOut:
+    """Which rows of a shard are held out for evaluation: `count` rows spread evenly over all
+    `total` rows of the dataset (global row r is held out when floor((r+1) * count / total) >
+    floor(r * count / total)), whichever nodes tokenize which shards."""
+
+    def __init__(self, count, total, first_row):
+        self.count, self.total, self.next_row = count, total, first_row
+
+    def take(self, rows):
+        """The held-out positions among the next `rows` rows of the shard."""
+        first, self.next_row = self.next_row, self.next_row + rows
+        return {r - first for r in range(first, first + rows)
+                if (r + 1) * self.count // self.total > r * self.count // self.total}
+
+
+def pretokenize_shard(bucket, source, prefix, index, labeller, inputs, held_out):
+    """Tokenize the standardized shard `source` into the model-ready shard number `index`, its
+    held-out rows apart."""
     import pyarrow as pa
+    import pyarrow.compute  # noqa: F401 - pa.compute
 
     schema = pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("source_row", pa.int64())])
-    stats = {"path": shard_name(index), "dropped_list": dropped_list_name(index),
-             "rows": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0, "dropped": 0,
-             "dropped_reasons": {}}
-    with parquet_writer(bucket, f"{prefix}/{stats['path']}", schema) as writer, \
+                        ("source_row", pa.int64()), ("length", pa.int32())])
+    name = shard_name(index, "")[:-1]
+    stats = {"path": name, "dropped_list": dropped_list_name(index), "rows": 0, "tokens": 0,
+             "trained_tokens": 0, "truncated": 0, "dropped": 0, "dropped_reasons": {},
+             "parts": [{"path": f"{name}/part-00000.parquet", "rows": 0, "tokens": 0}],
+             "eval": {"path": f"_eval/{name}.parquet", "rows": 0},
+             "end_of_turn": labeller.end_of_turn}
+    with parquet_writer(bucket, f"{prefix}/{stats['parts'][0]['path']}", schema) as writer, \
+            parquet_writer(bucket, f"{prefix}/{stats['eval']['path']}", schema) as eval_writer, \
             bucket.writer(f"{prefix}/{stats['dropped_list']}") as dropped_list:
-        batches = ((batch.column("conversations").to_pylist(),
-                    batch.column("source_row").to_numpy())
-                   for batch in read_parquet_batches(bucket, source, BATCH_ROWS))
-        for rows in labeller.pipeline(batches):
-            writer.write_table(pa.table(rows.columns, schema=schema))
+        held = set()
+
+        def batches():
+            for batch in read_parquet_batches(bucket, source, BATCH_ROWS):
+                source_rows = batch.column("source_row").to_numpy()
+                held.update(int(source_rows[i]) for i in held_out.take(len(source_rows)))
+                yield batch.column("conversations").to_pylist(), source_rows
+
+        for rows in labeller.pipeline(batches()):
+            table = pa.table(rows.columns, schema=schema)
+            is_held = pa.array([int(r) in held for r in rows.source_rows], pa.bool_())
+            training, evaluation = table.filter(pa.compute.invert(is_held)), table.filter(is_held)
+            writer.write_table(training)
+            eval_writer.write_table(evaluation)
             for source_row, reason in rows.dropped:
                 dropped_list.write(json.dumps({"source_row": int(source_row),
                                                "reason": reason}).encode() + b"\n")
                 stats["dropped_reasons"][reason] = stats["dropped_reasons"].get(reason, 0) + 1
-            stats["rows"] += len(rows.source_rows)
-            stats["tokens"] += rows.tokens
-            stats["trained_tokens"] += rows.trained_tokens
+            stats["rows"] += training.num_rows
+            stats["eval"]["rows"] += evaluation.num_rows
+            tokens = pa.compute.sum(training.column("length")).as_py() or 0
+            stats["tokens"] += tokens
+            stats["parts"][0]["tokens"] += tokens
+            stats["trained_tokens"] += pa.compute.sum(pa.compute.not_equal(
+                pa.compute.list_flatten(training.column("labels")), NOT_TRAINED)).as_py() or 0
             stats["truncated"] += rows.truncated
             stats["dropped"] += len(rows.dropped)
+    stats["parts"][0]["rows"] = stats["rows"]
     bucket.put(marker_key(prefix, index), json.dumps({**stats, "inputs": inputs}, indent=1,
                                                      sort_keys=True).encode())
-    log(f"shard {stats['path']}: {stats['rows']} rows, {stats['tokens']} tokens "
-        f"({stats['trained_tokens']} trained), {stats['truncated']} truncated, "
-        f"{stats['dropped']} dropped")
+    log(f"shard {stats['path']}: {stats['rows']} rows ({stats['eval']['rows']} more held out), "
+        f"{stats['tokens']} tokens, {stats['truncated']} truncated, {stats['dropped']} dropped")
 
 
 # ---------------------------------------------------------------- tokenizer and template
@@ -244,7 +293,8 @@ class Rows:
             return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
 
         return {"input_ids": list_array(self.ids), "labels": list_array(self.labels),
-                "source_row": pa.array(self.source_rows, pa.int64())}
+                "source_row": pa.array(self.source_rows, pa.int64()),
+                "length": pa.array([len(ids) for ids in self.ids], pa.int32())}
 
 
 class Labeller:

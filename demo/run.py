@@ -43,6 +43,7 @@ SETTINGS = {
     "TRAIN_BACKEND": "peft",
     "LEARNING_RATE": "0.005",  # a tiny random model changes visibly in 31 steps only at a high rate
     "SAMPLE_PROMPT": "The apple is red. What color is the apple?",
+    "EVAL_ROWS": "50",  # held out: the evaluation loss before and after training
     "HF_HUB_OFFLINE": "1",
 }
 # What the task leaves in the bucket: (what, prefix).

@@ -219,7 +219,7 @@ def test_no_secret_in_output_objects_or_local_files(s3, made, tmp_path):
            "MODEL_CACHE_DIR": str(tmp_path / "cache"), "WORK_DIR": str(tmp_path / "work"),
            "TMPDIR": str(tmp_path / "tmp"), "HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path / "home"),
            "MAX_SEQ_LENGTH": "128", "NUM_PROC": "1", "MAX_STEPS": "2", "BATCH_SIZE": "2",
-           "GRAD_ACCUM": "1", "LORA_R": "4", "SAVE_STEPS": "1", "OMP_NUM_THREADS": "1",
+           "GRAD_ACCUM": "1", "LORA_R": "4", "SAVE_STEPS": "1", "OMP_NUM_THREADS": "1", "EVAL_ROWS": "4",
            "SAMPLE_PROMPT": "hi"}
     for folder in ("tmp", "home"):
         (tmp_path / folder).mkdir()

@@ -191,7 +191,7 @@ def imported(tmp_path_factory):
 def step_env(env, tmp_path, **settings):
     return {**env, "MODEL_NAME": MODEL, "DATASET_NAME": DATASET,
             "MODEL_CACHE_DIR": str(tmp_path / "cache"), "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH),
-            **settings}
+            "EVAL_ROWS": "10", **settings}
 
 
 def upload_tree(root, env):
@@ -215,7 +215,7 @@ def read_rows(objects, prefix):
 def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, proxy, tmp_path):
     client = upload_tree(imported, s3)
     # As if a run was killed while uploading a shard: its unfinished upload is aborted.
-    client.create_multipart_upload(Bucket=TEST_BUCKET, Key=f"{PREFIX}/shard-00001.parquet")
+    client.create_multipart_upload(Bucket=TEST_BUCKET, Key=f"{PREFIX}/shard-00001/part-00000.parquet")
     time.sleep(1)  # the server's clock, which tells it from this run's uploads, is in seconds
     result = run_step("pretokenize.py", step_env(s3, tmp_path))
     assert FAKE_SECRET not in result.stdout + result.stderr
@@ -226,11 +226,15 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     manifest = json.loads(objects[f"{PREFIX}/_manifest.json"])
     conversations = {r["source_row"]: r["conversations"] for r in
                      read_rows(objects, f"standardized/{DATASET}").values()}
-    rows = read_rows(objects, PREFIX)
+    trained, held_out = read_rows(objects, PREFIX), read_rows(objects, f"{PREFIX}/_eval")
+    rows = {**trained, **held_out}
     dropped = [json.loads(line) for key, data in objects.items()
                if key.startswith(f"{PREFIX}/_dropped/") for line in data.decode().splitlines()]
     assert [d["source_row"] for d in dropped] == [3]
     assert sorted(rows) == sorted(set(conversations) - {3})
+    assert len(held_out) == manifest["eval_rows"] == 10 and not set(held_out) & set(trained)
+    assert manifest["end_of_turn"] == "<|im_end|>"
+    assert all(row["length"] == len(row["input_ids"]) for row in rows.values())
 
     tokenizer = pretokenize.load_tokenizer(fixture_path("tokenizers", "qwen2.5-0.5b"), "model")
     truncated = 0
@@ -247,9 +251,9 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     assert truncated >= 1
     assert manifest["complete"] is True
     assert len(manifest["shards"]) == 3
-    assert (manifest["rows"], manifest["dropped"], manifest["truncated"]) == (len(rows), 1, truncated)
-    assert manifest["tokens"] == sum(len(r["input_ids"]) for r in rows.values())
-    assert manifest["trained_tokens"] == sum(sum(x != -100 for x in r["labels"]) for r in rows.values())
+    assert (manifest["rows"], manifest["dropped"], manifest["truncated"]) == (len(trained), 1, truncated)
+    assert manifest["tokens"] == sum(len(r["input_ids"]) for r in trained.values())
+    assert manifest["trained_tokens"] == sum(sum(x != -100 for x in r["labels"]) for r in trained.values())
     assert manifest["inputs"]["max_seq_length"] == MAX_SEQ_LENGTH
 
     proxy.clear()
@@ -283,8 +287,8 @@ def test_two_nodes_make_what_one_node_makes_and_resume_per_shard(imported, tmp_p
     # As if killed after shard 0 and 2 were committed: only shard 1 is made again.
     (bucket / PREFIX / "_manifest.json").unlink()
     (bucket / PREFIX / "_shards" / "shard-00001.json").unlink()
-    kept = (bucket / PREFIX / "shard-00000.parquet").stat().st_mtime_ns
+    kept = (bucket / PREFIX / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns
     time.sleep(0.01)
     run_step("pretokenize.py", env)
-    assert (bucket / PREFIX / "shard-00000.parquet").stat().st_mtime_ns == kept
+    assert (bucket / PREFIX / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns == kept
     assert {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")} == one_node

@@ -31,7 +31,8 @@ STEPS = ("import-dataset.py", "import-model.py", "pretokenize.py", "dotrain.py")
 DATA_PREFIXES = ("raw/", "standardized/", "models/", "model-ready/")
 TRAINING = {"MAX_SEQ_LENGTH": "128", "BATCH_SIZE": "2", "GRAD_ACCUM": "1", "WARMUP_STEPS": "1",
             "LEARNING_RATE": "1e-3", "LORA_R": "4", "SAVE_STEPS": "1", "NUM_PROC": "1",
-            "SAMPLE_PROMPT": "The car is red. What color is the car?", "OMP_NUM_THREADS": "1"}
+            "SAMPLE_PROMPT": "The car is red. What color is the car?", "OMP_NUM_THREADS": "1",
+            "EVAL_ROWS": "3"}
 KILLS = 5
 
 

@@ -18,7 +18,7 @@ STEPS = ("import-dataset.py", "import-model.py", "pretokenize.py", "dotrain.py")
 TRAINING = {"MAX_SEQ_LENGTH": "128", "BATCH_SIZE": "2", "GRAD_ACCUM": "1", "WARMUP_STEPS": "1",
             "LEARNING_RATE": "1e-3", "LORA_R": "4", "SAVE_STEPS": "2", "MAX_STEPS": "6",
             "NUM_PROC": "1", "SAMPLE_PROMPT": "The car is red. What color is the car?",
-            "OMP_NUM_THREADS": "1", "SHARD_SIZE": "20"}
+            "OMP_NUM_THREADS": "1", "SHARD_SIZE": "20", "EVAL_ROWS": "4"}
 
 
 @pytest.fixture(scope="module")
