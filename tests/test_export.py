@@ -132,7 +132,7 @@ def test_file_by_file_merge_equals_peft_merge_and_unload(tiny_model, tmp_path, l
     assert metadata == base_metadata and ours.keys() == base.keys()
     assert merge["merged_weights"] == 2 * len(dotrain.TARGET_MODULES) and merge["files"] == 1
     assert merge["scale"] == (16 / 8 ** 0.5 if lora else 16 / 8)
-    assert 0 < merge["max_error_in_half_ulps"] <= 1
+    assert 0 < merge["max_error_in_half_ulps"] <= 1 and merge["changed_fraction"] > 0.9
     changed = [name for name in ours if not (ours[name] == base[name]).all()]
     assert len(changed) == merge["merged_weights"]  # the adapter moved every adapted weight
     for name, tensor in ours.items():
@@ -171,6 +171,12 @@ def test_several_weights_files_merge_file_by_file_with_the_same_index(tiny_model
     assert merged == merge["merged_weights"] == 2 * len(dotrain.TARGET_MODULES)
     fused = AutoModelForCausalLM.from_pretrained(tmp_path / "fused").state_dict()
     assert fused.keys() == theirs.keys()
+
+
+def test_a_model_without_safetensors_weights_is_refused(tiny_model, tmp_path):
+    shutil.copytree(tiny_model, tmp_path / "model", ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(common.UserError, match="has no model.safetensors"):
+        dotrain.weights_files(str(tmp_path / "model"))
 
 
 @pytest.mark.parametrize("lora, message", [
@@ -223,6 +229,29 @@ def test_logits_check_passes_a_correct_merge_and_fails_a_wrong_one(tiny_model, t
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
     with pytest.raises(common.UserError, match="the fused model's logits differ from base"):
         dotrain.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"), examples)
+
+
+def test_logits_check_fails_an_adapter_peft_loads_with_missing_keys(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    make_adapter(tiny_model, tmp_path / "lora")
+    fuse(tiny_model, tmp_path / "lora", tmp_path / "fused")
+    path = tmp_path / "lora" / "adapter_model.safetensors"
+    # 2 layers x 3 MLP projections x (A, B) renamed
+    save_file({key.replace("mlp", "feed_forward"): value for key, value in load_file(path).items()}, path)
+    with pytest.raises(common.UserError, match="peft loads the adapter .* with 12 missing keys"):
+        dotrain.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
+                             examples_of(tiny_model))
+
+
+def test_logits_check_fails_an_adapter_too_weak_for_16_bit_weights(tiny_model, tmp_path):
+    # Its update is mostly under half an ulp of the weights: merged, it rounds away.
+    make_adapter(tiny_model, tmp_path / "lora", b_std=3e-5)
+    merge = fuse(tiny_model, tmp_path / "lora", tmp_path / "fused")
+    assert merge["changed_fraction"] < 0.5
+    with pytest.raises(common.UserError, match="the adapter is too weak for the base's bfloat16 weights"):
+        dotrain.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
+                             examples_of(tiny_model))
 
 
 def test_logits_check_fails_an_adapter_of_zeros(tiny_model, tmp_path):
