@@ -19,15 +19,19 @@
 #    once a checkpoint is named in latest.json, run it again (it resumes), and check the done
 #    manifest: complete, the merge check passed, the fused model generated;
 # 5. the same with TRAIN_BACKEND=peft into s3://proof/peft;
-# 6. bench/gpu_train.py: tokens/s and peak GPU memory, unsloth vs peft, packed vs padded.
+# 6. bench/gpu_train.py: tokens/s and peak GPU memory, unsloth vs peft, packed vs padded;
+# 7. the peft backend in fp16 with loss scaling (T4, V100), forced on this GPU;
+# 8. QLoRA (LOAD_IN_4BIT=1) with each backend, on the data of 4 and 5 (RUN_NAME=qlora).
+#
+# PARTS="unsloth peft ..." runs only those of 4 to 8 (1 to 3 always run).
 #
 # Each part runs on its own with a time limit, all of them within PROOF_BUDGET seconds: a part
 # that fails prints the tail of its log and the next one runs. Results go to $OUT (default
 # ./gpu-proof-out): summary.txt (a line per part: passed/FAILED/skipped, seconds), setup.log,
-# moto.log, unsloth.log, peft.log, gpu_train.log, gpu_train.json.
+# moto.log, unsloth.log, peft.log, gpu_train.log, gpu_train.json, extra.log (7 and 8).
 #
 # GPU_PROOF_SMOKE=1: the tiny model and tokenizer of demo/synthetic.py and fewer rows; the
-# unsloth part trains with peft where there is no CUDA; no bench/gpu_train.py.
+# unsloth part trains with peft where there is no CUDA; no 6, 7 or 8.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,10 +56,11 @@ SETTINGS=(
   SAVE_STEPS=10
   LOGGING_STEPS=5
   "SAMPLE_PROMPT=The apple is red. What color is the apple?"
+  EVAL_ROWS=100
 )
 ROWS=4000  # synthetic conversations: two shards
 if [ "$SMOKE" = 1 ]; then
-  SETTINGS+=(MODEL_NAME=proof/tiny-qwen2 SHARD_SIZE=300 MAX_SEQ_LENGTH=256 MAX_STEPS=20 SAVE_STEPS=3)
+  SETTINGS+=(MODEL_NAME=proof/tiny-qwen2 SHARD_SIZE=300 MAX_SEQ_LENGTH=256 MAX_STEPS=20 SAVE_STEPS=3 EVAL_ROWS=20)
   ROWS=600
 fi
 UNSLOTH_RUN=(BUCKET_NAME=s3://proof/unsloth TRAIN_BACKEND=unsloth)
@@ -93,7 +98,7 @@ part() {
   # A fresh bash runs it (so that `timeout` can end it and all it started), given this file's
   # functions and arrays.
   timeout --kill-after=10 "$limit" bash -c \
-    "$(declare -f); $(declare -p SETTINGS UNSLOTH_RUN PEFT_RUN); set -euo pipefail; $4" >> "$log" 2>&1
+    "$(declare -f); $(declare -p SETTINGS UNSLOTH_RUN PEFT_RUN CHECK_DONE); RUN=(); set -euo pipefail; $4" >> "$log" 2>&1
   status=$?
   stop_runs
   if [ "$status" = 0 ]; then
@@ -103,6 +108,10 @@ part() {
     note "$name" FAILED "exit $status, see $(basename "$log")" $((SECONDS - started))
     tail -n 25 "$log" | sed "s/^/  $name| /"
   fi
+}
+
+wanted() {  # wanted NAME: whether PARTS (default: all of them) names part NAME
+  [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]
 }
 
 note() {  # note NAME STATUS WHY [SECONDS]
@@ -139,6 +148,10 @@ EOF
   echo "pip check, version conflicts only (what is absent on purpose is left out):"
   "$PYTHON" -m pip check 2>&1 | grep -v "which is not installed" || true
   if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not here"; fi
+  source torch-for-driver.sh
+  local driver
+  driver=$(nvidia_driver)
+  echo "setup's torch for this driver (${driver:-none}): $(cuda_line "$driver")"
 }
 
 # A moto server on a free loopback port, in the background until the end, and its bucket, then
@@ -207,23 +220,32 @@ print("model:", sorted(path.name for path in (out / "model").iterdir()))
 EOF
 }
 
+# run_settings NAME SETTINGS...: RUN=(the environment of run NAME: the common settings, SETTINGS,
+# the inputs, scratch directories of its own, and the S3 server or, without one, a local bucket).
+run_settings() {
+  local name=$1
+  shift
+  RUN=("${SETTINGS[@]}" "$@" "DATASET_SOURCE=$WORK/inputs/datasets/sharegpt.jsonl"
+       "MODEL_SOURCE=$WORK/inputs/model" "VENV=$WORK/venv" "WORK_DIR=$WORK/$name/work"
+       "MODEL_CACHE_DIR=$WORK/$name/models"
+       "EXPECT_DEVICE=$([ "$SMOKE" = 1 ] && echo cpu || echo cuda)")
+  if [ -f "$WORK/endpoint" ]; then
+    RUN+=("AWS_ENDPOINT_URL_S3=$(cat "$WORK/endpoint")")
+  else
+    echo "== no S3 server (see the s3 part in setup.log): the bucket is a local directory"
+    RUN+=("BUCKET_NAME=$WORK/buckets/${name#qlora-}")
+  fi
+  mkdir -p "$WORK/$name"
+}
+
 # pipeline NAME SETTINGS...: allatonce.yaml's run block, killed once a checkpoint is named in
 # latest.json, then run again (it resumes) to the end; then the done manifest is checked.
 pipeline() {
   local name=$1
   shift
-  local run=("${SETTINGS[@]}" "$@" "DATASET_SOURCE=$WORK/inputs/datasets/sharegpt.jsonl"
-             "MODEL_SOURCE=$WORK/inputs/model" "VENV=$WORK/venv" "WORK_DIR=$WORK/$name/work"
-             "MODEL_CACHE_DIR=$WORK/$name/models")
-  if [ -f "$WORK/endpoint" ]; then
-    run+=("AWS_ENDPOINT_URL_S3=$(cat "$WORK/endpoint")")
-  else
-    echo "== no S3 server (see the s3 part in setup.log): the bucket is a local directory"
-    run+=("BUCKET_NAME=$WORK/buckets/$name")
-  fi
-  mkdir -p "$WORK/$name"
+  run_settings "$name" "$@"
   "$PYTHON" -c 'import yaml; print(yaml.safe_load(open("allatonce.yaml"))["run"])' > "$WORK/run.sh"
-  env "${run[@]}" "$PYTHON" - <<'EOF'
+  env "${RUN[@]}" "$PYTHON" - <<'PY'
 import json, os, signal, subprocess, sys, time
 from common import checkpoints_prefix, open_bucket, parse_settings
 
@@ -240,33 +262,95 @@ while block.poll() is None:
         sys.exit(0)
     time.sleep(0.2)
 sys.exit(f"== the run ended (exit {block.returncode}) before latest.json named a checkpoint")
-EOF
+PY
   echo "== the run block again: it resumes"
-  env "${run[@]}" bash "$WORK/run.sh" 2>&1 | tee "$WORK/$name/resumed.log"
+  env "${RUN[@]}" bash "$WORK/run.sh" 2>&1 | tee "$WORK/$name/resumed.log"
   grep -q "resuming at step" "$WORK/$name/resumed.log"
-  env "${run[@]}" EXPECT_DEVICE="$([ "$SMOKE" = 1 ] && echo cpu || echo cuda)" "$PYTHON" - <<'EOF'
+  env "${RUN[@]}" "$PYTHON" -c "$CHECK_DONE"
+}
+
+# The done manifest of the run in the environment: complete, trained where expected, the merge
+# check passed, the fused model generated.
+CHECK_DONE='
 import json, os
 from common import done_prefix, open_bucket, parse_settings, read_manifest
 
 bucket = open_bucket(parse_settings("", [], []))
-prefix = done_prefix(os.environ["MODEL_NAME"], os.environ["DATASET_NAME"])
+prefix = done_prefix(os.environ["MODEL_NAME"], os.environ["DATASET_NAME"], os.environ.get("RUN_NAME"))
 done = read_manifest(bucket, prefix)
 metrics = json.loads(bucket.get(f"{prefix}/metrics.json"))
 print(json.dumps({key: done.get(key) for key in ("complete", "rows", "total_steps", "tokens_seen",
-                                                   "backend", "check", "sample")}, indent=1))
-print("training:", {key: metrics[key] for key in ("device", "training_seconds", "trained_tokens")},
+                                                   "backend", "check", "eval_loss", "sample")}, indent=1))
+print("training:", {key: metrics[key] for key in ("device", "training_seconds", "trained_tokens",
+                                                  "work_dir_peak_bytes")},
       "tokens/s at each log:", [step["tokens_per_second"] for step in metrics["steps"]])
 for folder in ("lora_model", "fused"):
     print(f"{folder}/:", sorted(path.rsplit("/", 1)[-1]
                                 for path in bucket.fs.ls(bucket.path(f"{prefix}/{folder}"), detail=False)))
 assert done["complete"], "the done manifest is not complete"
-assert done["backend"] == os.environ["TRAIN_BACKEND"], f"trained with {done['backend']}"
-assert metrics["device"] == os.environ["EXPECT_DEVICE"], f"trained on {metrics['device']}"
+assert done["backend"] == os.environ["TRAIN_BACKEND"], "trained with " + done["backend"]
+assert metrics["device"] == os.environ["EXPECT_DEVICE"], "trained on " + metrics["device"]
 check = done["check"]
-assert check["max_relative_logit_difference"] <= check["tolerance"], "the merge check failed"
+assert check["distance_over_effect"] <= check["tolerance"], "the merge check failed"
 assert isinstance(done["sample"]["completion"], str), "the fused model generated nothing"
 print("done manifest complete, merge check passed, the fused model generated")
-EOF
+'
+
+# dotrain.py with LOAD_IN_4BIT=1 on the data the two runs above left, as runs of their own
+# (RUN_NAME): QLoRA with unsloth, then with transformers + peft + bitsandbytes; fused/ is the
+# adapter merged into the original 16-bit files.
+qlora() {
+  local backend
+  for backend in unsloth peft; do
+    run_settings "qlora-$backend" "BUCKET_NAME=s3://proof/$backend" "TRAIN_BACKEND=$backend" \
+      RUN_NAME=qlora LOAD_IN_4BIT=1 MAX_STEPS=12 SAVE_STEPS=6 LEARNING_RATE=1e-3
+    echo "== QLoRA, $backend"
+    env "${RUN[@]}" "$PYTHON" import-dataset.py  # (nothing to do after the pipeline parts)
+    env "${RUN[@]}" "$PYTHON" import-model.py
+    env "${RUN[@]}" "$PYTHON" pretokenize.py
+    env "${RUN[@]}" "$PYTHON" dotrain.py
+    env "${RUN[@]}" "$PYTHON" -c "$CHECK_DONE"
+  done
+}
+
+# The peft backend in fp16 with loss scaling, as on a T4 or V100, forced on this GPU: the
+# schedule stays on the step count through the steps the loss scaler skips.
+fp16() {
+  "$PYTHON" - "$WORK/inputs/model" "$WORK/fp16" <<'PY'
+import importlib.util, json, math, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path[:0] = [".", "bench"]
+import datasets
+import dotrain, gpu_train
+
+model_dir, work = sys.argv[1], Path(sys.argv[2])
+work.mkdir(parents=True)
+settings = SimpleNamespace(seed=3407, lora_r=16, lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear",
+                           learning_rate=2e-4, lr_scheduler="linear", batch_size=2, grad_accum=4,
+                           warmup_steps=5, weight_decay=0.01, max_seq_length=4096, packing=True,
+                           save_steps=10**9, logging_steps=1, report_to="none")
+ranks = dotrain.Ranks()
+optim = "adamw_8bit" if importlib.util.find_spec("bitsandbytes") else "adamw_torch"
+backend = dotrain.Backend("peft", "cuda", "float16", optim)
+backend.trainer_class = dotrain.shard_trainer_class(backend, ranks)
+model, tokenizer = dotrain.load_for_training(settings, backend, model_dir, ranks)
+gpu_train.make_rows(work / "rows.parquet", 400)
+rows = dotrain.prepare(datasets.Dataset.from_parquet(str(work / "rows.parquet")), True, 4096)
+trainer = dotrain.make_trainer(settings, backend, model, tokenizer, rows, SimpleNamespace(trainer=str(work)),
+                               max_steps=20)
+trainer.shard, trainer.seconds = 0, time.perf_counter
+trainer.train()
+scale = trainer.accelerator.scaler.get_scale()
+losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+print(json.dumps({"steps": trainer.state.global_step, "schedule_steps": trainer.lr_scheduler.last_epoch,
+                  "loss_scale": scale, "skipped_steps": round(math.log2(65536 / scale)), "losses": losses,
+                  "model_dtype": str(model.dtype)}))
+assert trainer.lr_scheduler.last_epoch == trainer.state.global_step, "the schedule lags the steps"
+assert all(math.isfinite(loss) for loss in losses), losses
+print("fp16 with loss scaling: the schedule is on the step count")
+PY
 }
 
 gpu_train() {
@@ -293,12 +377,14 @@ part inputs setup.log 90 make_inputs
 if [ "$SMOKE" = 1 ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   UNSLOTH_RUN+=(TRAIN_BACKEND=peft)  # no CUDA: the same lines, trained with peft
 fi
-part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}"
-part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}"
+wanted unsloth && part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}"
+wanted peft && part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}"
 if [ "$SMOKE" = 1 ]; then
-  note gpu_train skipped "GPU_PROOF_SMOKE=1"
+  for name in gpu_train fp16 qlora; do note "$name" skipped "GPU_PROOF_SMOKE=1"; done
 else
-  part gpu_train gpu_train.log 200 gpu_train
+  wanted gpu_train && part gpu_train gpu_train.log 200 gpu_train
+  wanted fp16 && part fp16 extra.log 60 fp16
+  wanted qlora && part qlora extra.log 150 qlora
 fi
 echo "== summary: ${SECONDS}s in all; logs in $OUT"
 cat "$OUT/summary.txt"
