@@ -23,7 +23,8 @@
 # 7. the peft backend in fp16 with loss scaling (T4, V100), forced on this GPU;
 # 8. QLoRA (LOAD_IN_4BIT=1) with each backend, on the data of 4 and 5 (RUN_NAME=qlora).
 #
-# PARTS="unsloth peft ..." runs only those of 4 to 8 (1 to 3 always run).
+# PARTS="gpu_train peft ..." runs only those of 4 to 8, in that order (1 to 3 always run);
+# EXTRA_SETTINGS="MAX_STEPS=4 ..." changes the runs' settings; KILL=0 runs them once, unkilled.
 #
 # Each part runs on its own with a time limit, all of them within PROOF_BUDGET seconds: a part
 # that fails prints the tail of its log and the next one runs. Results go to $OUT (default
@@ -58,7 +59,8 @@ SETTINGS=(
   "SAMPLE_PROMPT=The apple is red. What color is the apple?"
   EVAL_ROWS=100
 )
-ROWS=4000  # synthetic conversations: two shards
+SETTINGS+=(${EXTRA_SETTINGS:-})
+ROWS=${ROWS:-4000}  # synthetic conversations: two shards
 if [ "$SMOKE" = 1 ]; then
   SETTINGS+=(MODEL_NAME=proof/tiny-qwen2 SHARD_SIZE=300 MAX_SEQ_LENGTH=256 MAX_STEPS=20 SAVE_STEPS=3 EVAL_ROWS=20)
   ROWS=600
@@ -108,10 +110,6 @@ part() {
     note "$name" FAILED "exit $status, see $(basename "$log")" $((SECONDS - started))
     tail -n 25 "$log" | sed "s/^/  $name| /"
   fi
-}
-
-wanted() {  # wanted NAME: whether PARTS (default: all of them) names part NAME
-  [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]
 }
 
 note() {  # note NAME STATUS WHY [SECONDS]
@@ -245,7 +243,7 @@ pipeline() {
   shift
   run_settings "$name" "$@"
   "$PYTHON" -c 'import yaml; print(yaml.safe_load(open("allatonce.yaml"))["run"])' > "$WORK/run.sh"
-  env "${RUN[@]}" "$PYTHON" - <<'PY'
+  [ "${KILL:-1}" = 1 ] && env "${RUN[@]}" "$PYTHON" - <<'PY'
 import json, os, signal, subprocess, sys, time
 from common import checkpoints_prefix, open_bucket, parse_settings
 
@@ -263,9 +261,9 @@ while block.poll() is None:
     time.sleep(0.2)
 sys.exit(f"== the run ended (exit {block.returncode}) before latest.json named a checkpoint")
 PY
-  echo "== the run block again: it resumes"
+  echo "== the run block again: it resumes (KILL=0: it runs once, to the end)"
   env "${RUN[@]}" bash "$WORK/run.sh" 2>&1 | tee "$WORK/$name/resumed.log"
-  grep -q "resuming at step" "$WORK/$name/resumed.log"
+  [ "${KILL:-1}" = 0 ] || grep -q "resuming at step" "$WORK/$name/resumed.log"
   env "${RUN[@]}" "$PYTHON" -c "$CHECK_DONE"
 }
 
@@ -354,7 +352,7 @@ PY
 }
 
 gpu_train() {
-  "$PYTHON" bench/gpu_train.py --steps 5 --warmup 2 --rows 600 --timeout 75 \
+  "$PYTHON" bench/gpu_train.py ${GPU_TRAIN_ARGS:---steps 5 --warmup 2 --rows 600 --timeout 75} \
     --output "$OUT/gpu_train.json"
 }
 
@@ -377,14 +375,15 @@ part inputs setup.log 90 make_inputs
 if [ "$SMOKE" = 1 ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   UNSLOTH_RUN+=(TRAIN_BACKEND=peft)  # no CUDA: the same lines, trained with peft
 fi
-wanted unsloth && part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}"
-wanted peft && part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}"
-if [ "$SMOKE" = 1 ]; then
-  for name in gpu_train fp16 qlora; do note "$name" skipped "GPU_PROOF_SMOKE=1"; done
-else
-  wanted gpu_train && part gpu_train gpu_train.log 200 gpu_train
-  wanted fp16 && part fp16 extra.log 60 fp16
-  wanted qlora && part qlora extra.log 150 qlora
-fi
+for name in ${PARTS:-unsloth peft gpu_train fp16 qlora}; do
+  case "$SMOKE $name" in
+    *" unsloth") part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}" ;;
+    *" peft") part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}" ;;
+    "1 "*) note "$name" skipped "GPU_PROOF_SMOKE=1" ;;
+    *" gpu_train") part gpu_train gpu_train.log 200 gpu_train ;;
+    *" fp16") part fp16 extra.log 60 fp16 ;;
+    *" qlora") part qlora extra.log 150 qlora ;;
+  esac
+done
 echo "== summary: ${SECONDS}s in all; logs in $OUT"
 cat "$OUT/summary.txt"

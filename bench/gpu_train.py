@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = Path(os.environ.get("FIXTURES_DIR", ROOT.parent / "shared" / "fixtures"))
 SHAPE = FIXTURES_DIR / "tokenizers" / "qwen2.5-0.5b"
 RESULTS = ROOT / "bench" / "results" / "gpu_train.json"
-CONFIGS = [("unsloth", True), ("unsloth", False), ("peft", True), ("peft", False)]
+CONFIGS = [("unsloth", True), ("peft", True), ("unsloth", False), ("peft", False)]
 # Dense bf16 matrix peak by GPU name, from the vendors' datasheets (FLOP/s).
 DENSE_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.1e12,
                    "L4": 121e12}
@@ -48,6 +48,8 @@ def main():
                         "enough for the steps when padded)")
     parser.add_argument("--timeout", type=int, default=100, help="seconds per configuration (default 100)")
     parser.add_argument("--output", default=str(RESULTS), help="where the results go")
+    parser.add_argument("--configs", default=",".join(f"{b}_{'packed' if p else 'padded'}" for b, p in CONFIGS),
+                        help="which configurations, in this order (default: all)")
     parser.add_argument("--one", nargs=3, metavar=("BACKEND", "PACKING", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -70,8 +72,8 @@ def main():
         matmul_params = make_model(work / "model")
         rows = make_rows(work / "rows.parquet", args.rows)
         runs = {}
-        for backend, packing in CONFIGS:
-            name = f"{backend}_{'packed' if packing else 'padded'}"
+        for name in args.configs.split(","):
+            backend, packing = name.split("_")[0], name.endswith("_packed")
             if backend == "unsloth" and not has_unsloth:
                 runs[name] = {"skipped": "unsloth is not installed"}
                 continue

@@ -81,10 +81,17 @@ def export_memory_rows(result):
 def gpu_train_rows(result):
     """Figures only: gpu_train measures, it sets no target."""
     gpu = result.get("machine", {}).get("gpu", "GPU")
-    return [{"benchmark": f"train {name} on {gpu}",
-             "figure": run.get("skipped") or ", ".join(f"{k} {v}" for k, v in run.items()
-                                                      if isinstance(v, (int, float))),
-             "target": "-", "met": None} for name, run in result["runs"].items()]
+
+    def figure(run):
+        if "tokens_per_second" not in run:
+            return run.get("skipped") or f"error: {run.get('error')}"
+        return (f"{run['tokens_per_second']:,} tokens/s ({run['seconds_per_step']} s a step of "
+                f"{run['tokens_per_step']:,} tokens), peak {run['peak_memory_gib']} GiB, MFU "
+                f"{run['mfu']:.1%} (HFU {run['hfu']:.1%}), FineTome-100k epoch "
+                f"{run['finetome_epoch_minutes']} min")
+
+    return [{"benchmark": f"train {name} on {gpu}", "figure": figure(run), "target": "-", "met": None}
+            for name, run in result["runs"].items()]
 
 
 ROWS = {"import_memory": import_memory_rows, "pretokenize_throughput": pretokenize_rows,
