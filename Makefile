@@ -30,6 +30,7 @@ bench: $(INSTALLED)
 	$(PY) bench/pretokenize_throughput.py
 	$(PY) bench/rerun.py
 	$(PY) bench/transfer.py
+	$(PY) bench/export_memory.py
 	if $(PY) -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then \
 		$(PY) bench/gpu_train.py; fi
 	$(PY) bench/table.py

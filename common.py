@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 DEFAULT_ENDPOINT = "https://t3.storage.dev"
 MANIFEST = "_manifest.json"
-SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN")
+SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "WANDB_API_KEY", "SERVE_API_KEY")
 STEPS = ("import-dataset", "import-model", "pretokenize", "dotrain")
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off", "")
@@ -147,8 +147,12 @@ def log(message):
     print(redact(f"[{time.strftime('%H:%M:%S')}] {message}"), flush=True)
 
 
+RETRY_EXIT = 75  # (EX_TEMPFAIL) a failure that a rerun on a fresh machine can fix
+
+
 def run(main):
-    """Run a step's main(): expected failures end with one `error:` line and exit 1."""
+    """Run a step's main(): expected failures end with one `error:` line and exit 1; failures
+    that a retry can fix (retryable) exit RETRY_EXIT, which a managed job restarts on."""
     debug = "--debug" in sys.argv
     try:
         main()
@@ -160,7 +164,29 @@ def run(main):
             sys.stderr.write(redact("".join(traceback.format_exception(e))))
         if message is not None:
             sys.stderr.write(redact(f"error: {message}\n"))
-        sys.exit(1)
+        if not retryable(e):
+            sys.exit(1)
+        if os.environ.get("RETRY_FLAG"):  # torchrun exits 1 whatever its processes exit with
+            open(os.environ["RETRY_FLAG"], "a").close()
+        sys.exit(RETRY_EXIT)
+
+
+def retryable(error):
+    """Whether a failure comes from the machine or the network rather than from the settings,
+    the data or the code: the storage out of reach after botocore's retries (it was reached
+    when the step began), a GPU fault, a collective that failed (a peer died). These fail
+    differently on a fresh machine; all else fails the same way every time."""
+    import botocore.exceptions as bex
+
+    storage = (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ReadTimeoutError,
+               bex.ConnectionClosedError)
+    if isinstance(error, storage):
+        return Bucket.reached
+    text = str(error)
+    if type(error).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+        return True
+    return isinstance(error, RuntimeError) and ("CUDA error" in text or "NCCL" in text) \
+        and "out of memory" not in text
 
 
 def explain(error):
@@ -225,6 +251,8 @@ def boto3_client(settings, attempts=None):
 
 class Bucket:
     """The bucket (or a local directory), addressed by keys relative to its root."""
+
+    reached = False  # whether this process has reached the storage once (check() passed)
 
     def __init__(self, settings):
         url = settings.bucket_name.rstrip("/")
@@ -412,6 +440,7 @@ class Bucket:
 def open_bucket(settings):
     bucket = Bucket(settings)
     bucket.check()
+    Bucket.reached = True
     return bucket
 
 

@@ -7,7 +7,7 @@ it so that training learns the assistant's answers only.
         row). labels are -100 except on each assistant answer and the end-of-turn token that
         closes it (<|im_end|> for Qwen), so the model learns to answer and to stop; system and
         user turns and the template's scaffolding are never trained
-    .../eval/shard-NNNNN/part-NNNNN.parquet   the EVAL_ROWS rows held out for evaluation (the
+    .../_eval/shard-NNNNN/part-NNNNN.parquet  the EVAL_ROWS rows held out for evaluation (the
         same columns), never trained on; a part that holds none has no such file
     .../_dropped/shard-NNNNN/part-NNNNN.jsonl every row dropped, with its source_row and reason
     .../_parts/shard-NNNNN/part-NNNNN.json    a finished part's statistics and inputs
@@ -16,10 +16,10 @@ it so that training learns the assistant's answers only.
 
 The tokenizer comes from the bucket's copy of the model (import-model.py), never from the
 Hub. Rows longer than MAX_SEQ_LENGTH tokens are truncated and counted; rows left without a
-trained token are dropped and listed. EVAL_ROWS rows, spread evenly over the whole dataset
-by their position among the standardized rows, are held out. Row groups are rendered and
-tokenized by NUM_PROC worker processes (this one reads and writes) and written in order. On several SkyPilot nodes, node
-SKYPILOT_NODE_RANK takes every SKYPILOT_NUM_NODES-th part of all the shards' parts; each part
+trained token are dropped and listed. EVAL_ROWS rows (at most a tenth of the dataset), spread
+evenly over the whole dataset by their position among the standardized rows, are held out.
+Row groups are rendered and tokenized by NUM_PROC worker processes (this one reads and writes)
+and written in order. On several SkyPilot nodes, node SKYPILOT_NODE_RANK takes every SKYPILOT_NUM_NODES-th part of all the shards' parts; each part
 is committed on its own, so a rerun continues where it stopped and a finished run writes
 nothing. The output is the same bytes whatever NUM_PROC and the number of nodes.
 """
@@ -44,8 +44,8 @@ SETTINGS = [
     Setting("MAX_SEQ_LENGTH", 4096, "tokens per row; longer rows are truncated", int, minimum=1),
     Setting("CHAT_TEMPLATE", "model", "model: the model's own chat template; chatml: ChatML "
             "(for a model that has none)", choices=("model", "chatml")),
-    Setting("EVAL_ROWS", 200, "conversations held out for evaluation, spread evenly over the "
-            "dataset, never trained on (0: none)", int, minimum=0),
+    Setting("EVAL_ROWS", 200, "conversations held out of training for the evaluation loss, spread "
+            "evenly over the whole dataset (at most a tenth of it; 0: none)", int, minimum=0),
     Setting("PART_SIZE", 20_000, "rows per part: each standardized shard is tokenized and "
             "committed in parts of whole row groups, which nodes share", int, minimum=1),
     Setting("NUM_PROC", os.cpu_count(), "CPU cores to render and tokenize with (worker "
@@ -82,13 +82,13 @@ def main():
         "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
         "eval_rows": settings.eval_rows, "part_size": settings.part_size},
         settings, "pretokenize")))
+    eval_rows = min(settings.eval_rows, standardized["rows"] // 10)
+    if eval_rows < settings.eval_rows:
+        log(f"EVAL_ROWS={settings.eval_rows} is more than a tenth of the dataset's "
+            f"{standardized['rows']} rows: holding out {eval_rows}")
     replace = settings.force or "rebuild" in inputs  # consent to replace what other inputs made
     if finished(bucket, prefix, inputs, replace):
         return
-    if settings.eval_rows >= standardized["rows"]:
-        raise UserError(f"EVAL_ROWS={settings.eval_rows} holds out all {standardized['rows']} rows "
-                        f"of {bucket.url(standardized_prefix(settings.dataset_name))}, leaving "
-                        "nothing to train on: lower EVAL_ROWS (0 holds out none)")
     parts = list_parts(bucket, settings.dataset_name, standardized, settings.part_size)
     mine = parts[settings.skypilot_node_rank::settings.skypilot_num_nodes]
     todo = [part for part in mine if not part_done(bucket, prefix, part, inputs, replace)]
@@ -99,7 +99,7 @@ def main():
     if todo:
         job = {"model_dir": download_model(bucket, settings.model_name, settings.model_cache_dir),
                "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
-               "eval_rows": settings.eval_rows, "dataset_rows": standardized["rows"]}
+               "eval_rows": eval_rows, "dataset_rows": standardized["rows"]}
 
         def row_groups():
             for part in todo:
@@ -180,7 +180,7 @@ def finished(bucket, prefix, inputs, replace):
 def objects_of(part):
     """The names, under the output prefix, of what a part writes."""
     name = part["name"]
-    return (f"{name}.parquet", f"eval/{name}.parquet", f"_dropped/{name}.jsonl",
+    return (f"{name}.parquet", f"_eval/{name}.parquet", f"_dropped/{name}.jsonl",
             f"_parts/{name}.json")
 
 
@@ -265,7 +265,7 @@ def write_part(bucket, prefix, part, results, inputs):
                 writer.write_table(result["train"])
             if result["eval"].num_rows:
                 if eval_writer is None:
-                    stats["eval"] = {"path": f"eval/{name}.parquet", "rows": 0}
+                    stats["eval"] = {"path": f"_eval/{name}.parquet", "rows": 0}
                     eval_writer = files.enter_context(parquet_writer(
                         bucket, f"{prefix}/{stats['eval']['path']}", model_ready_schema()))
                 eval_writer.write_table(result["eval"])

@@ -30,7 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = Path(os.environ.get("FIXTURES_DIR", ROOT.parent / "shared" / "fixtures"))
 SHAPE = FIXTURES_DIR / "tokenizers" / "qwen2.5-0.5b"
 RESULTS = ROOT / "bench" / "results" / "gpu_train.json"
-CONFIGS = [("unsloth", True), ("unsloth", False), ("peft", True), ("peft", False)]
+CONFIGS = [("unsloth", True), ("peft", True), ("unsloth", False), ("peft", False)]
+# Dense bf16 matrix peak by GPU name, from the vendors' datasheets (FLOP/s).
+DENSE_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.1e12,
+                   "L4": 121e12}
+FINETOME_TOKENS = 84_800_000
 MAX_SEQ_LENGTH = 4096
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo",
             "bitsandbytes", "datasets")
@@ -44,6 +48,8 @@ def main():
                         "enough for the steps when padded)")
     parser.add_argument("--timeout", type=int, default=100, help="seconds per configuration (default 100)")
     parser.add_argument("--output", default=str(RESULTS), help="where the results go")
+    parser.add_argument("--configs", default=",".join(f"{b}_{'packed' if p else 'padded'}" for b, p in CONFIGS),
+                        help="which configurations, in this order (default: all)")
     parser.add_argument("--one", nargs=3, metavar=("BACKEND", "PACKING", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -59,17 +65,21 @@ def main():
         sys.exit(f"error: {SHAPE}/config.json is absent: set FIXTURES_DIR to the shared fixtures")
     has_unsloth = _installed("unsloth")
     started = time.time()
+    gpu = torch.cuda.get_device_name(0)
+    peak = next((flops for name, flops in DENSE_BF16_PEAK.items() if name in gpu), None)
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as work:
         work = Path(work)
-        make_model(work / "model")
+        matmul_params = make_model(work / "model")
         rows = make_rows(work / "rows.parquet", args.rows)
         runs = {}
-        for backend, packing in CONFIGS:
-            name = f"{backend}_{'packed' if packing else 'padded'}"
+        for name in args.configs.split(","):
+            backend, packing = name.split("_")[0], name.endswith("_packed")
             if backend == "unsloth" and not has_unsloth:
                 runs[name] = {"skipped": "unsloth is not installed"}
                 continue
             runs[name] = run_one(backend, packing, work, args)
+            if "tokens_per_second" in runs[name]:
+                runs[name].update(utilization(runs[name]["tokens_per_second"], matmul_params, peak))
             print(f"{name}: {json.dumps(runs[name])}", flush=True)
     result = {
         "benchmark": "gpu_train", "command": " ".join(["bench/gpu_train.py", *sys.argv[1:]]),
@@ -78,6 +88,13 @@ def main():
                     "python": platform.python_version()},
         "versions": {name: _version(name) for name in PACKAGES},
         "model": "Qwen2.5-0.5B shape (fixtures config.json), random bf16 weights",
+        "flops": {"matmul_params": matmul_params, "dense_bf16_peak": peak,
+                  "mfu": "tokens/s x 4 x matmul_params / peak: a frozen-base LoRA step costs a "
+                         "forward (2 x params per token) and a backward through the activations only "
+                         "(2 x params); attention scores and the LoRA matrices left out",
+                  "hfu": "the same with the forward that gradient checkpointing recomputes: 6 x params",
+                  "finetome_epoch": f"{FINETOME_TOKENS:,} tokens (100,000 rows of ~848 tokens, the "
+                                    "Qwen2.5 tokenizer on FineTome-like rows) / tokens/s"},
         "data": rows, "settings": {"lora_r": 16, "batch_size": 2, "grad_accum": 4,
                                    "max_seq_length": MAX_SEQ_LENGTH, "steps": args.steps,
                                    "warmup_steps_excluded": args.warmup},
@@ -87,6 +104,13 @@ def main():
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1) + "\n")
     print(f"results in {output}")
+
+
+def utilization(tokens_per_second, matmul_params, peak):
+    """Model (and hardware) FLOPs utilization, and the minutes one FineTome-100k epoch would take."""
+    return {"mfu": peak and round(tokens_per_second * 4 * matmul_params / peak, 4),
+            "hfu": peak and round(tokens_per_second * 6 * matmul_params / peak, 4),
+            "finetome_epoch_minutes": round(FINETOME_TOKENS / tokens_per_second / 60, 1)}
 
 
 def _installed(name):
@@ -116,8 +140,14 @@ def make_model(out):
     model.save_pretrained(out)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(SHAPE / name, out / name)
+    # What the matrix products of a token multiply by: every weight but the input embedding,
+    # plus the output layer's (the embedding again when tied).
+    embedding = model.get_input_embeddings().weight
+    matmul_params = sum(p.numel() for p in model.parameters() if p is not embedding) \
+        + model.get_output_embeddings().weight.numel() * model.config.tie_word_embeddings
     del model
     torch.cuda.empty_cache()
+    return matmul_params
 
 
 def make_rows(path, count):
@@ -160,17 +190,21 @@ def measure(backend_name, packing, work, steps, warmup):
     import dotrain  # noqa: E402 - after sys.path
 
     settings = SimpleNamespace(
-        train_backend=backend_name, seed=3407, lora_r=16, lora_alpha=16, lora_dropout=0.0,
-        learning_rate=2e-4, batch_size=2, grad_accum=4, warmup_steps=5, weight_decay=0.01,
-        max_seq_length=MAX_SEQ_LENGTH, packing=packing, save_steps=10**9, logging_steps=10**9)
-    backend = dotrain.choose_backend(settings)  # imports unsloth first when asked for
+        train_backend=backend_name, train_device="cuda", load_in_4bit=False, seed=3407, lora_r=16,
+        lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear", learning_rate=2e-4,
+        lr_scheduler="linear", batch_size=2, grad_accum=4, warmup_steps=5, weight_decay=0.01,
+        max_seq_length=MAX_SEQ_LENGTH, packing=packing, save_steps=10**9, logging_steps=10**9,
+        report_to="none")
+    ranks = dotrain.Ranks()
+    backend = dotrain.choose_backend(settings, ranks, {})  # imports unsloth first when asked for
     import datasets
     import torch
     from transformers import TrainerCallback
 
-    model, tokenizer = dotrain.load_for_training(settings, backend, str(work / "model"))
+    model, tokenizer = dotrain.load_for_training(settings, backend, str(work / "model"), ranks)
     dataset = datasets.Dataset.from_parquet(str(work / "rows.parquet"),
                                             cache_dir=str(work / f"cache-{backend_name}-{packing}"))
+    dataset = dotrain.prepare(dataset, packing, MAX_SEQ_LENGTH)  # as dotrain.py prepares a shard
     clock = {}
 
     class Clock(TrainerCallback):
@@ -187,7 +221,7 @@ def measure(backend_name, packing, work, steps, warmup):
     trainer.train()
     (start, tokens_before), (end, tokens_after) = clock[warmup], clock[warmup + steps]
     return {"backend": backend.name, "packing": packing, "optim": backend.optim,
-            "precision": "bf16" if backend.bf16 else "fp16" if backend.fp16 else "fp32",
+            "precision": backend.dtype,
             "tokens_per_second": round((tokens_after - tokens_before) / (end - start)),
             "seconds_per_step": round((end - start) / steps, 3),
             "tokens_per_step": round((tokens_after - tokens_before) / steps),

@@ -281,8 +281,9 @@ class Clock:
     while it runs."""
 
     def __enter__(self):
-        import psutil
         import threading
+
+        import psutil
 
         self.wall, self.cpu, self.descendants = time.perf_counter(), time.process_time(), {}
         self.running = True

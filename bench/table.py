@@ -85,17 +85,43 @@ def pretokenize_rows(result):
     ]
 
 
+def export_memory_rows(result):
+    runs, targets, f_mb = result["runs"], result["targets"], result["file_mb"]
+    merge_4, merge_8 = runs["merge_4_files"]["peak_rss_mb"], runs["merge_8_files"]["peak_rss_mb"]
+    check_4, check_8 = runs["check_4_files"], runs["check_8_files"]
+    return [
+        {"benchmark": f"export merge peak RSS, 4 -> 8 files of {f_mb} MB",
+         "figure": f"{merge_4:.0f} -> {merge_8:.0f} MB",
+         "target": "8 files within 1.15x of 4", "met": targets["merge_8_within_1.15x_of_4"]},
+        {"benchmark": f"export merge peak RSS vs 2F + 1 GB (F = {f_mb} MB)",
+         "figure": f"{max(merge_4, merge_8):.0f} MB vs {2 * f_mb + 1000} MB",
+         "target": "at most 2F + 1 GB", "met": targets["merge_at_most_2F_plus_1GB"]},
+        {"benchmark": "export logits check peak RSS (CPU: model in bf16), 4 -> 8 files",
+         "figure": f"{check_4['peak_rss_mb']:.0f} -> {check_8['peak_rss_mb']:.0f} MB (models of "
+                   f"{check_4['model_mb']} -> {check_8['model_mb']} MB)",
+         "target": "-", "met": None},
+    ]
+
+
 def gpu_train_rows(result):
     """Figures only: gpu_train measures, it sets no target."""
     gpu = result.get("machine", {}).get("gpu", "GPU")
-    return [{"benchmark": f"train {name} on {gpu}",
-             "figure": run.get("skipped") or ", ".join(f"{k} {v}" for k, v in run.items()
-                                                      if isinstance(v, (int, float))),
-             "target": "-", "met": None} for name, run in result["runs"].items()]
+
+    def figure(run):
+        if "tokens_per_second" not in run:
+            return run.get("skipped") or f"error: {run.get('error')}"
+        return (f"{run['tokens_per_second']:,} tokens/s ({run['seconds_per_step']} s a step of "
+                f"{run['tokens_per_step']:,} tokens), peak {run['peak_memory_gib']} GiB, MFU "
+                f"{run['mfu']:.1%} (HFU {run['hfu']:.1%}), FineTome-100k epoch "
+                f"{run['finetome_epoch_minutes']} min")
+
+    return [{"benchmark": f"train {name} on {gpu}", "figure": figure(run), "target": "-", "met": None}
+            for name, run in result["runs"].items()]
 
 
 ROWS = {"import_memory": import_memory_rows, "import_throughput": import_throughput_rows,
-        "pretokenize_throughput": pretokenize_rows, "gpu_train": gpu_train_rows}
+        "pretokenize_throughput": pretokenize_rows, "gpu_train": gpu_train_rows,
+        "export_memory": export_memory_rows}
 
 if __name__ == "__main__":
     main()

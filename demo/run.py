@@ -40,10 +40,10 @@ SETTINGS = {
     "MODEL_NAME": MODEL_NAME,
     "SHARD_SIZE": "400",  # 1000 conversations: 3 shards
     "MAX_SEQ_LENGTH": "256",
-    "EVAL_ROWS": "20",  # conversations held out for evaluation
     "TRAIN_BACKEND": "peft",
     "LEARNING_RATE": "0.005",  # a tiny random model changes visibly in 31 steps only at a high rate
     "SAMPLE_PROMPT": "The apple is red. What color is the apple?",
+    "EVAL_ROWS": "50",  # held out: the evaluation loss before and after training
     "HF_HUB_OFFLINE": "1",
 }
 # What the task leaves in the bucket: (what, prefix).

@@ -92,8 +92,11 @@ def make_tokenizer(out_dir, vocab_size=512):
     return fast
 
 
-def make_model(out_dir, tokenizer_dir, hidden_size=64, layers=2, seed=0):
-    """A Qwen2 model with random weights, saved with its tokenizer as a published model is."""
+def make_model(out_dir, tokenizer_dir, hidden_size=64, layers=2, seed=0, init_std=0.02):
+    """A Qwen2 model with random weights, saved with its tokenizer as a published model is.
+    With the usual init_std (0.02) its logits stay near 0 whatever an adapter does (the tied
+    embeddings are that small); init_std=0.2 makes one whose LoRA adapter can learn the
+    synthetic answers and to stop after them."""
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -103,7 +106,8 @@ def make_model(out_dir, tokenizer_dir, hidden_size=64, layers=2, seed=0):
                          intermediate_size=hidden_size * 2, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+                         bos_token_id=None, pad_token_id=tokenizer.pad_token_id,
+                         initializer_range=init_std)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(eos_token_id=[im_end, tokenizer.eos_token_id],

@@ -25,6 +25,10 @@ def test_the_run_block_trains_and_a_rerun_writes_nothing(s3, proxy, tmp_path):
     assert done["complete"] and done["rows"] > 0
     assert f"{DONE}/fused/config.json" in objects and f"{DONE}/lora_model/adapter_config.json" in objects
     assert demo.SETTINGS["SAMPLE_PROMPT"] in output and repr(done["sample"]["completion"]) in output
+    # the run's log ends with the evaluation loss before and after training
+    before, after = done["eval_loss"]["before"], done["eval_loss"]["after"]
+    last_line = first.stdout.strip().splitlines()[-1]
+    assert f"held-out rows: {before:.4f} before training, {after:.4f} after" in last_line
     assert demo.CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in output
     lines = dict(zip([what for what, _ in demo.OUTPUTS],
                      demo.describe_outputs(s3["AWS_ENDPOINT_URL_S3"], s3["BUCKET_NAME"])))

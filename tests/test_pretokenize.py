@@ -261,12 +261,13 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     conversations = {r["source_row"]: r["conversations"] for r in
                      read_rows(objects, f"standardized/{DATASET}").values()}
     rows = read_rows(objects, PREFIX)
-    evaluation = read_rows(objects, f"{PREFIX}/eval")
+    evaluation = read_rows(objects, f"{PREFIX}/_eval")
     assert [d["source_row"] for d in dropped_lists(objects)] == [3]
     held = held_out(in_order(objects, f"standardized/{DATASET}"), 5)
     assert len(held) == 5 and 3 not in held
     assert sorted(evaluation) == sorted(held)
     assert sorted(rows) == sorted(set(conversations) - {3} - held)
+    assert all(row["length"] == len(row["input_ids"]) for row in {**rows, **evaluation}.values())
 
     tokenizer = pretokenize.load_tokenizer(fixture_path("tokenizers", "qwen2.5-0.5b"), "model")
     truncated = 0
@@ -355,9 +356,9 @@ def test_processes_and_nodes_share_the_parts_of_one_shard_and_make_the_same_byte
     assert [d["source_row"] for d in dropped_lists(reference)] == [10, 299, 2100]
     assert [d["held_out"] for d in dropped_lists(reference)] == [False, True, False]
     assert (manifest["dropped"], manifest["eval_dropped"], manifest["eval_rows"]) == (3, 1, 29)
-    evaluation = read_rows(reference, f"{PREFIX}/eval")
+    evaluation = read_rows(reference, f"{PREFIX}/_eval")
     assert sorted(evaluation) == sorted(held_out(list(range(4500)), 30) - {299})
-    assert [e["path"] for e in manifest["eval"]] == [f"eval/shard-00000/part-0000{i}.parquet" for i in range(3)]
+    assert [e["path"] for e in manifest["eval"]] == [f"_eval/shard-00000/part-0000{i}.parquet" for i in range(3)]
 
     shutil.rmtree(bucket / "model-ready")
     process = start_step("pretokenize.py", {**env, "NUM_PROC": "2"})

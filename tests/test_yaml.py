@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET
 
-from common import SECRETS, SHARED_SETTINGS
+from common import RETRY_EXIT, SECRETS, SHARED_SETTINGS
 
 SKY_PYTHON = Path(os.environ.get("SKYPILOT_PYTHON", ROOT / ".venv" / "sky" / "bin" / "python"))
 STEPS = ["import-dataset.py", "import-model.py", "pretokenize.py", "dotrain.py"]
@@ -138,6 +138,9 @@ def test_spot_and_recovery(parsed):
     resources = parsed["spot"]["resources"]
     assert all(r["use_spot"] for r in resources)
     assert all(r["job_recovery"]["strategy"] == "EAGER_NEXT_REGION" for r in resources)
+    # a failure of the task is restarted on the retryable exit code alone
+    assert all(r["job_recovery"]["max_restarts_on_errors"] == 0 for r in resources)
+    assert all(r["job_recovery"]["recover_on_exit_codes"] == [RETRY_EXIT] for r in resources)
     assert not any(r["use_spot"] for r in parsed["allatonce"]["resources"])
 
 
@@ -167,7 +170,8 @@ def step_settings():
 @pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
 def test_credentials_are_secrets_without_values(name):
     config = task(name)
-    assert config["secrets"] == {name: None for name in SECRETS}
+    assert set(config["secrets"]) <= set(SECRETS) and set(config["secrets"].values()) == {None}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(config["secrets"])
     assert not set(SECRETS) & set(config["envs"])
     assert config["envs"]["BUCKET_NAME"] is None  # the user must choose it
 
@@ -230,11 +234,14 @@ def write_script(path, text):
 
 @pytest.fixture
 def node(tmp_path):
-    """A pretend node: HOME, a work dir holding requirements.txt, and stand-ins on PATH for
-    python3 (old or new), conda and the venv's pip that log what they are asked to do."""
+    """A pretend node: HOME, a work dir holding the task's files, and stand-ins on PATH for
+    python3 (old or new), conda, the venv's python (its pip logs what it is asked to do; its
+    torch sees the GPU or not) and, when a driver is given, nvidia-smi."""
     log = tmp_path / "log"
     bin_ = tmp_path / "bin"
-    fake_venv_python = f'echo "venv-python $*" >> {log}\n'
+    fake_venv_python = (f'echo "venv-python $*" >> {log}\n'
+                        f'case "$*" in *cuda.is_available*) exit $(cat {tmp_path}/no-gpu-torch);; '
+                        '*torch.__version__*) echo 2.14.1+cu130 built for CUDA 13.0;; esac\n')
     write_script(bin_ / "python3", f"""echo "python3 $*" >> {log}
 if [ "$1" = -c ]; then exit $(cat {tmp_path}/python3-too-old 2>/dev/null || echo 0); fi
 if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; printf '#!/bin/bash\\n{fake_venv_python}' > "$3/bin/python"; chmod +x "$3/bin/python"; fi
@@ -244,11 +251,16 @@ mkdir -p "$5/bin"; printf '#!/bin/bash\\nexec {bin_}/python3 "$@"\\n' > "$5/bin/
 """)
     work = tmp_path / "work"
     work.mkdir()
-    (work / "requirements.txt").write_text((ROOT / "requirements.txt").read_text())
+    for name in ("requirements.txt", "torch-for-driver.sh"):
+        (work / name).write_text((ROOT / name).read_text())
 
-    def run(block, python3_too_old=False):
+    def run(block, python3_too_old=False, driver=None, torch_sees_gpu=True, env=()):
         (tmp_path / "python3-too-old").write_text("1" if python3_too_old else "0")
-        env = {"HOME": str(tmp_path / "home"), "PATH": f"{bin_}:/usr/bin:/bin"}
+        (tmp_path / "no-gpu-torch").write_text("0" if torch_sees_gpu else "1")
+        (bin_ / "nvidia-smi").unlink(missing_ok=True)
+        if driver:  # answers --query-gpu=driver_version --format=csv,noheader
+            write_script(bin_ / "nvidia-smi", f'echo "{driver}"\n')
+        env = {"HOME": str(tmp_path / "home"), "PATH": f"{bin_}:/usr/bin:/bin", **dict(env)}
         result = subprocess.run(["bash", "-c", block], cwd=work, env=env, capture_output=True,
                                 text=True, timeout=60)
         lines = log.read_text().splitlines() if log.exists() else []
@@ -264,20 +276,54 @@ def installs(lines):
             and "--upgrade pip" not in line]
 
 
+def torch_from(cuda, version="2.14.1"):
+    return f"--extra-index-url https://download.pytorch.org/whl/{cuda} torch=={version}+{cuda}"
+
+
 def test_setup_installs_once_and_again_when_the_requirements_change(node):
     setup = task("allatonce.yaml")["setup"]
-    result, lines = node(setup)
+    result, lines = node(setup, driver="550.54.15")
     assert result.returncode == 0, result.stderr
-    assert installs(lines) == [f"-r requirements.txt {UNSLOTH}"]
+    assert installs(lines) == [f"{torch_from('cu126')} -r requirements.txt {UNSLOTH}"]
     assert "python3 -m venv" in " ".join(lines) and not any(x.startswith("conda") for x in lines)
 
-    result, lines = node(setup)
+    result, lines = node(setup, driver="550.54.15")
     assert result.returncode == 0 and installs(lines) == []
 
     with open(node.work / "requirements.txt", "a") as f:
         f.write("tqdm==4.70.1\n")
-    result, lines = node(setup)
-    assert result.returncode == 0 and installs(lines) == [f"-r requirements.txt {UNSLOTH}"]
+    result, lines = node(setup, driver="550.54.15")
+    assert result.returncode == 0 and installs(lines) == [f"{torch_from('cu126')} -r requirements.txt {UNSLOTH}"]
+    result, lines = node(setup, driver="550.54.15", env={"REPORT_TO": "wandb"})
+    assert result.returncode == 0 and installs(lines)[0].endswith(f"{UNSLOTH} wandb==0.31.0")
+
+
+@pytest.mark.parametrize("name, version", [("allatonce.yaml", "2.14.1"), ("service.yaml", "2.13.0")])
+@pytest.mark.parametrize("driver, cuda", [
+    (None, "cpu"), ("525.60.13", "cu126"), ("535.183.01", "cu126"), ("570.124.06", "cu128"),
+    ("575.57.08", "cu128"), ("580.95.05", "cu130"), ("590.44.01", "cu130")])
+def test_setup_installs_the_torch_build_of_the_nodes_driver(node, name, version, driver, cuda):
+    result, lines = node(task(name)["setup"], driver=driver)
+    assert result.returncode == 0, result.stderr
+    [packages] = installs(lines)
+    assert packages.startswith(torch_from(cuda, version) + " ")
+    assert any("cuda.is_available" in line for line in lines) == (driver is not None)
+
+
+@pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
+def test_setup_refuses_in_one_line_a_driver_too_old_or_a_torch_blind_to_the_gpu(node, name):
+    result, lines = node(task(name)["setup"], driver="470.256.02")
+    assert result.returncode != 0 and installs(lines) == []
+    assert result.stderr.strip().splitlines() == [
+        "error: the NVIDIA driver 470.256.02 is too old for PyTorch's CUDA builds (525 or newer): "
+        "pick an image with a newer driver (resources.image_id) or another GPU in resources.ordered"]
+
+    for _ in range(2):  # after the install, and again when setup finds it up to date
+        result, lines = node(task(name)["setup"], driver="535.183.01", torch_sees_gpu=False)
+        assert result.returncode != 0
+        [message] = result.stderr.strip().splitlines()
+        assert message.startswith("error: nvidia-smi sees a GPU (driver 535.183.01) and torch "
+                                  "cannot use it (2.14.1+cu130 built for CUDA 13.0)")
 
 
 @pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
@@ -295,6 +341,7 @@ def test_service_setup_installs_pinned_vllm_once(node):
     result, lines = node(setup)
     assert result.returncode == 0, result.stderr
     [packages] = installs(lines)
+    packages = packages.split(" ", 2)[2]  # after --extra-index-url URL
     assert re.search(r"\bvllm==\d", packages) and all("==" in p for p in packages.split())
     assert installs(node(setup)[1]) == []
 
@@ -385,20 +432,22 @@ def replica(tmp_path, s3):
     home, work = tmp_path / "home", tmp_path / "work"
     work.mkdir()
     venv = home / "venv-serve"
-    write_script(venv / "bin" / "vllm", f'echo "vllm $*" > {tmp_path}/vllm.log; ls -R fused >> {tmp_path}/vllm.log\n')
+    write_script(venv / "bin" / "vllm", f'echo "vllm $*" > {tmp_path}/vllm.log; '
+                 f'echo "key $VLLM_API_KEY" >> {tmp_path}/vllm.log; ls -R fused >> {tmp_path}/vllm.log\n')
     (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:{ROOT}/.venv/bin:$PATH"\n')
     (venv / "aws-config").write_text("[default]\ns3 =\n  addressing_style = path\n")  # loopback
-    envs = {k: v for k, v in task("service.yaml")["envs"].items() if v is not None}
-    env = {"PATH": os.environ["PATH"], "HOME": str(home), **envs, **s3}
+    envs = {k: str(v) for k, v in task("service.yaml")["envs"].items() if v is not None}
     client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
                           aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
-    done = f"done/{envs['MODEL_NAME']}/{envs['DATASET_NAME']}"
 
-    def run(complete):
+    def run(complete, api_key=SERVE_KEY, run_name=""):
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), **envs, **s3,
+               "SERVE_API_KEY": api_key, "RUN_NAME": run_name}
+        done = f"done/{envs['MODEL_NAME']}/{envs['DATASET_NAME']}" + (f"/{run_name}" if run_name else "")
         client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/_manifest.json",
                           Body=json.dumps({"complete": complete}).encode())
         for name in ("config.json", "model.safetensors"):
-            client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/fused/{name}", Body=name.encode())
+            client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/fused/{name}", Body=f"{run_name}/{name}".encode())
         result = subprocess.run(["bash", "-c", task("service.yaml")["run"]], cwd=work, env=env,
                                 capture_output=True, text=True, timeout=120)
         log = tmp_path / "vllm.log"
@@ -408,13 +457,29 @@ def replica(tmp_path, s3):
     return run
 
 
-def test_the_service_pulls_the_fused_model_and_serves_it(replica):
-    result, vllm = replica(complete=True)
+SERVE_KEY = "serve-key-7d1e5a"
+
+
+@pytest.mark.parametrize("run_name", ["", "lr-1e-4"])
+def test_the_service_pulls_the_fused_model_and_serves_it_behind_its_key(replica, run_name):
+    result, vllm = replica(complete=True, run_name=run_name)
     assert result.returncode == 0, result.stderr
-    assert vllm.splitlines()[0] == ("vllm serve ./fused --served-model-name finetuned "
-                                    "--host 0.0.0.0 --port 8000")
-    assert (replica.work / "fused" / "model.safetensors").read_bytes() == b"model.safetensors"
-    assert FAKE_SECRET not in result.stdout + result.stderr
+    assert vllm.splitlines()[:2] == ["vllm serve ./fused --served-model-name finetuned --host 0.0.0.0 "
+                                     "--port 8000 --max-model-len 4096", f"key {SERVE_KEY}"]
+    assert (replica.work / "fused" / "model.safetensors").read_bytes() == f"{run_name}/model.safetensors".encode()
+    assert FAKE_SECRET not in result.stdout + result.stderr and SERVE_KEY not in result.stdout + result.stderr
+
+
+def test_the_service_refuses_to_serve_without_a_key(replica):
+    result, vllm = replica(complete=True, api_key="")
+    assert result.returncode != 0 and vllm is None
+    assert result.stderr.strip() == ("error: SERVE_API_KEY is not set: give the endpoint a key (in "
+                                     ".secrets, or --secret SERVE_API_KEY)")
+
+
+def test_the_probe_sends_the_key():
+    probe = task("service.yaml")["service"]["readiness_probe"]
+    assert probe["headers"] == {"Authorization": "Bearer $SERVE_API_KEY"}
 
 
 def test_the_service_refuses_an_unfinished_model(replica):
