@@ -16,6 +16,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlparse
 
@@ -86,6 +87,9 @@ SHARED_SETTINGS = [
     Setting("AWS_REGION", "auto", "region to sign requests for (Tigris: auto)"),
     Setting("S3_TIMEOUT", 60, "seconds a silent S3 connection or read waits before botocore "
             "retries it", int, minimum=1),
+    Setting("STALE_UPLOAD_SECONDS", 300, "an unfinished multipart upload under a step's output "
+            "begun this long before the step started is taken for a killed run's and aborted; a "
+            "younger one may be a run launched beside this one and is left to it", int, minimum=0),
     Setting("FORCE", False, "replace an output made from other inputs (changed settings or "
             "data); an output made from the current inputs is kept, resumed or skipped", bool),
     Setting("REBUILD", "", "rebuild these steps' outputs although made from the current inputs "
@@ -675,22 +679,24 @@ def manifest_fingerprint(manifest):
 
 
 def abort_stale_uploads(bucket, prefix, mine=lambda name: True):
-    """Abort the unfinished multipart uploads under an output prefix that began before this run.
+    """Abort the unfinished multipart uploads under an output prefix left by a killed run.
 
     A run killed while streaming a shard leaves its upload open: never visible as an object,
     but stored (and billed) until aborted. Called when a step starts on its output, it aborts
-    what was begun before the bucket was opened (by the server's clock), so the uploads of a
-    run started at the same moment (a double launch) are left alone. A run of the same step
-    still going from much earlier would lose the shard it is uploading, and fail: its shard
-    is written again by this run. `mine(name)` (the key's name under the prefix) limits it to
-    the objects this run writes, where several nodes share an output."""
+    what was begun STALE_UPLOAD_SECONDS or more before the bucket was opened (by the server's
+    clock): a recovery starts minutes after the kill, while the uploads of a run launched
+    beside this one (a double launch, another node) are younger and are left to it. A run of
+    the same step still going from much earlier would lose the shard it is uploading, and
+    fail: its shard is written again by this run. `mine(name)` (the key's name under the
+    prefix) limits it to the objects this run writes, where several nodes share an output."""
     if bucket.is_local:
         return
     start = len(bucket.key_of(prefix)) + 1
+    stale_before = bucket.opened_at - timedelta(seconds=bucket.settings.stale_upload_seconds)
     paginator = bucket.client.get_paginator("list_multipart_uploads")
     for page in paginator.paginate(Bucket=bucket.name, Prefix=bucket.key_of(prefix) + "/"):
         for upload in page.get("Uploads", []):
-            if upload["Initiated"] < bucket.opened_at and mine(upload["Key"][start:]):
+            if upload["Initiated"] < stale_before and mine(upload["Key"][start:]):
                 log(f"aborting an unfinished upload of s3://{bucket.name}/{upload['Key']} "
                     "left by an earlier run")
                 bucket.client.abort_multipart_upload(Bucket=bucket.name, Key=upload["Key"],

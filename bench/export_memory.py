@@ -70,7 +70,6 @@ def write_model(path, files, file_bytes):
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     sys.path[:0] = [str(ROOT), str(ROOT / "demo")]
-    import dotrain
     from synthetic import make_tokenizer
 
     tokenizer = make_tokenizer(path)

@@ -26,21 +26,23 @@ def fixture_path(*parts):
     return path
 
 
+UPLOADS_BEGAN = {}  # upload id -> when it began, as the in-process moto server lists it
+
+
 def date_multipart_uploads():
     """moto lists every multipart upload as begun on one fixed day in 2010; a real server
     (and abort_stale_uploads, which tells a killed run's uploads from a live twin's) reports
     when each began. Make this in-process moto server do the same."""
     import re
-    from datetime import datetime, timezone
 
     from moto.s3 import models, responses
 
-    began = {}
+    began = UPLOADS_BEGAN
     create, listing = models.FakeMultipart.__init__, responses.S3Response.list_multipart_uploads
 
     def create_and_date(self, *args, **kwargs):
         create(self, *args, **kwargs)
-        began[self.id] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        date_upload(self.id)
 
     def list_with_dates(self):
         status, headers, body = listing(self)
@@ -53,6 +55,14 @@ def date_multipart_uploads():
 
     models.FakeMultipart.__init__ = create_and_date
     responses.S3Response.list_multipart_uploads = list_with_dates
+
+
+def date_upload(upload_id, seconds_ago=0):
+    """Set when the moto server says a multipart upload began (to age one, as a killed run's)."""
+    from datetime import datetime, timedelta, timezone
+
+    began = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
+    UPLOADS_BEGAN[upload_id] = began.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import boto3
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, descendants,
-                      fixture_path, run_step, running, start_step,
+from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, date_upload,
+                      descendants, fixture_path, run_step, running, start_step,
                       without_chatml_tokens)
 
 import common
@@ -248,12 +248,17 @@ def dropped_lists(objects):
 
 def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, proxy, tmp_path):
     client = upload_tree(imported, s3)
-    # As if a run was killed while uploading a part: its unfinished upload is aborted.
-    client.create_multipart_upload(Bucket=TEST_BUCKET, Key=f"{PREFIX}/shard-00001/part-00000.parquet")
-    time.sleep(1)  # the server's clock, which tells it from this run's uploads, is in seconds
+    # A run killed while uploading a part six minutes ago: its unfinished upload is aborted.
+    # One begun a moment ago may be a run launched beside this one: it is left to that run.
+    key = f"{PREFIX}/shard-00001/part-00000.parquet"
+    killed = client.create_multipart_upload(Bucket=TEST_BUCKET, Key=key)["UploadId"]
+    date_upload(killed, seconds_ago=360)
+    twin = client.create_multipart_upload(Bucket=TEST_BUCKET, Key=key)["UploadId"]
     result = run_step("pretokenize.py", step_env(s3, tmp_path))
     assert FAKE_SECRET not in result.stdout + result.stderr
-    assert "Uploads" not in client.list_multipart_uploads(Bucket=TEST_BUCKET)
+    assert f"aborting an unfinished upload of s3://{TEST_BUCKET}/{key}" in result.stdout
+    assert [u["UploadId"] for u in client.list_multipart_uploads(Bucket=TEST_BUCKET)["Uploads"]] == [twin]
+    client.abort_multipart_upload(Bucket=TEST_BUCKET, Key=key, UploadId=twin)
 
     env = step_env(proxy.env, tmp_path)  # the same bucket, through a proxy counting requests
     objects = bucket_objects(env)
