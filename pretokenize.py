@@ -61,7 +61,7 @@ def main():
     model = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     inputs = json.loads(json.dumps(with_rebuild({  # as it reads back from markers and manifest
-        "step": "model-ready/2", "standardized": manifest_fingerprint(standardized),
+        "step": "model-ready/3", "standardized": manifest_fingerprint(standardized),
         "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
         "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
         "eval_rows": settings.eval_rows}, settings, "pretokenize")))
@@ -227,7 +227,10 @@ def pretokenize_shard(bucket, source, prefix, index, labeller, inputs, held_out)
             for batch in read_parquet_batches(bucket, source, BATCH_ROWS):
                 source_rows = batch.column("source_row").to_numpy()
                 held.update(int(source_rows[i]) for i in held_out.take(len(source_rows)))
-                yield batch.column("conversations").to_pylist(), source_rows
+                tools = (batch.column("tools").to_pylist() if "tools" in batch.schema.names
+                         else [None] * len(source_rows))
+                yield ([chat_of(turns) for turns in batch.column("conversations").to_pylist()],
+                       source_rows, [tools and json.loads(tools) for tools in tools])
 
         for rows in labeller.pipeline(batches()):
             table = pa.table(rows.columns, schema=schema)
@@ -297,6 +300,17 @@ class Rows:
                 "length": pa.array([len(ids) for ids in self.ids], pa.int32())}
 
 
+def chat_of(turns):
+    """A standardized conversation as chat templates take it: tool calls as objects. A turn's
+    weight stays (templates ignore it): the labeller trains the assistant turns of weight 1."""
+    return [{key: json.loads(value) if key == "tool_calls" else value
+             for key, value in turn.items() if value is not None} for turn in turns]
+
+
+def trained(message):
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
 class Labeller:
     """Renders conversations, finds each answer in the text, tokenizes, labels, truncates.
 
@@ -308,10 +322,12 @@ class Labeller:
     marks give each answer's characters. The end-of-turn text (the template's text after an
     answer, up to the whitespace before the next turn) is found once by rendering a probe
     exchange, and must follow each answer. Any other row (a template that transforms content,
-    an answer containing the mark) is located by rendering the conversation's prefixes up to
-    each answer, which holds for any template that renders a conversation's beginning the
-    same way whatever follows. The text is then tokenized once, and a token is trained when
-    any of its characters is an answer's or an end-of-turn's."""
+    an answer containing the mark, an answer with tool calls) is located by rendering the
+    conversation's prefixes up to each answer, which holds for any template that renders a
+    conversation's beginning the same way whatever follows; an answer with tool calls is then
+    all the turn renders after the generation prompt, and must show each call's name. The
+    text is then tokenized once, and a token is trained when any of its characters is an
+    answer's or an end-of-turn's. Only answers of weight 1 (the default) are trained."""
 
     def __init__(self, tokenizer, max_length):
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -325,17 +341,17 @@ class Labeller:
                             "set CHAT_TEMPLATE=chatml or use another model") from None
         self.end_of_turn = text[text.rindex(ANSWER_MARK) + 1:].rstrip()
 
-    def render(self, conversations, add_generation_prompt=False):
-        return self.tokenizer.apply_chat_template(conversations, tokenize=False,
+    def render(self, conversations, add_generation_prompt=False, tools=None):
+        return self.tokenizer.apply_chat_template(conversations, tokenize=False, tools=tools,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def __call__(self, conversations, source_rows):
+    def __call__(self, conversations, source_rows, tools=None):
         """The Rows of one batch."""
-        (rows,) = self.pipeline([(conversations, source_rows)])
+        (rows,) = self.pipeline([(conversations, source_rows, tools or [None] * len(conversations))])
         return rows
 
     def pipeline(self, batches):
-        """The Rows of each (conversations, source_rows) batch, in order.
+        """The Rows of each (conversations, source_rows, tools) batch, in order.
 
         The tokenizer releases the GIL: a batch is tokenized while the next one is read and
         rendered, and the previous one labelled and written."""
@@ -343,15 +359,22 @@ class Labeller:
 
         with ThreadPoolExecutor(1) as tokenizer_thread:
             pending = None
-            for conversations, source_rows in batches:
-                texts, reasons = self.render_all(conversations)
+            for conversations, source_rows, tools in batches:
+                texts, reasons = self.render_all(conversations, tools)
                 marked = self.render_all([[mark(message) for message in conversation]
-                                          for conversation in conversations])[0]
+                                          for conversation in conversations], tools)[0]
                 spans = [None if text is None else
                          self.spans_by_marks(text, marked_text, conversation)
-                         or self.spans_by_prefixes(text, conversation)
-                         for text, marked_text, conversation in zip(texts, marked, conversations)]
+                         or self.spans_by_prefixes(text, conversation, row_tools)
+                         for text, marked_text, conversation, row_tools
+                         in zip(texts, marked, conversations, tools)]
                 located = [i for i, s in enumerate(spans) if s]
+                for i, conversation in enumerate(conversations):
+                    if not spans[i] and reasons[i] is None:
+                        reasons[i] = ("no answer to train: every one has weight 0" if spans[i] == []
+                                      else "the chat template does not render tool calls"
+                                      if any(m.get("tool_calls") for m in conversation) else
+                                      "answers not found in the rendered conversation")
                 encodings = tokenizer_thread.submit(self.backend.encode_batch,
                                                     [texts[i] for i in located],
                                                     add_special_tokens=False)
@@ -368,8 +391,7 @@ class Labeller:
         encodings = dict(zip(located, encodings.result()))
         for i, source_row in enumerate(source_rows):
             if i not in encodings:
-                rows.dropped.append((source_row, reasons[i] or "answers not found in the "
-                                     "rendered conversation"))
+                rows.dropped.append((source_row, reasons[i]))
                 continue
             encoding = encodings[i]
             ids = np.array(encoding.ids, dtype=np.int32)
@@ -391,25 +413,31 @@ class Labeller:
             rows.trained_tokens += trained
         return rows
 
-    def render_all(self, conversations):
-        """Renderings of a batch, and for a row the template refuses, None and the reason."""
+    def render_all(self, conversations, tools):
+        """Renderings of a batch, and for a row the template refuses, None and the reason.
+        Rows with tools are rendered one by one, each with its own."""
         try:
-            return self.render(conversations), [None] * len(conversations)
+            if not any(tools):
+                return self.render(conversations), [None] * len(conversations)
         except Exception:  # noqa: BLE001 - jinja raises many kinds; find the rows that fail
-            texts, reasons = [], []
-            for conversation in conversations:
-                try:
-                    texts.append(self.render([conversation])[0])
-                    reasons.append(None)
-                except Exception as e:  # noqa: BLE001
-                    texts.append(None)
-                    reasons.append(f"chat template error: {e}")
-            return texts, reasons
+            pass
+        texts, reasons = [], []
+        for conversation, row_tools in zip(conversations, tools):
+            try:
+                texts.append(self.render([conversation], tools=row_tools)[0])
+                reasons.append(None)
+            except Exception as e:  # noqa: BLE001
+                texts.append(None)
+                reasons.append(f"chat template error: {e}")
+        return texts, reasons
 
     def spans_by_marks(self, text, marked, conversation):
-        answers = [m["content"] for m in conversation if m["role"] == "assistant"]
+        answers = [m for m in conversation if trained(m)]
+        if any(m.get("tool_calls") for m in answers):
+            return None
         parts = (marked or "").split(ANSWER_MARK)
-        if len(parts) != 2 * len(answers) + 1 or parts[1::2] != answers or "".join(parts) != text:
+        if len(parts) != 2 * len(answers) + 1 or parts[1::2] != [m["content"] for m in answers] \
+                or "".join(parts) != text:
             return None
         spans, position = [], 0
         for i, part in enumerate(parts):
@@ -420,19 +448,25 @@ class Labeller:
             position += len(part)
         return spans
 
-    def spans_by_prefixes(self, text, conversation):
+    def spans_by_prefixes(self, text, conversation, tools=None):
         spans = []
         for k, message in enumerate(conversation):
-            if message["role"] != "assistant":
+            if not trained(message):
                 continue
             try:
-                head = self.render([conversation[:k]], add_generation_prompt=True)[0] if k else ""
-                through = self.render([conversation[:k + 1]])[0]
+                head = self.render([conversation[:k]], add_generation_prompt=True, tools=tools)[0] \
+                    if k else ""
+                through = self.render([conversation[:k + 1]], tools=tools)[0]
             except Exception:  # noqa: BLE001
                 return None
             if not (text.startswith(head) and text.startswith(through)):
                 return None
             turn = text[len(head):len(through)]
+            if message.get("tool_calls"):
+                if not all(call["function"]["name"] in turn for call in message["tool_calls"]):
+                    return None
+                spans.append((len(head), len(head) + len(turn.rstrip())))
+                continue
             for answer in (message["content"], message["content"].strip()):
                 at = turn.find(answer)
                 if at >= 0:
@@ -445,7 +479,7 @@ class Labeller:
 
 
 def mark(message):
-    if message["role"] != "assistant":
+    if not trained(message):
         return message
     return {**message, "content": f"{ANSWER_MARK}{message['content']}{ANSWER_MARK}"}
 
