@@ -1,8 +1,13 @@
 """Step 1: stream a dataset into the bucket as Parquet shards, raw, then standardized.
 
     raw/<DATASET_NAME>/shard-NNNNN.parquet           the source's rows, unchanged
-    standardized/<DATASET_NAME>/shard-NNNNN.parquet  conversations: [{role, content}], source_row
+    standardized/<DATASET_NAME>/shard-NNNNN.parquet  conversations, tools, source_row (below)
     standardized/<DATASET_NAME>/_rejected/...        every dropped or altered row, with its reason
+
+A standardized row: `conversations`, a list of turns {role (system, user, assistant or tool),
+content, weight (1: an assistant turn trained on; 0: context), tool_calls (the assistant's
+calls, JSON text, or null), tool_call_id (the call a tool turn answers, or null)}; `tools`, the
+functions the conversation may call (JSON text, or null); `source_row`, its raw row's number.
 
 The source is streamed: memory is set by one row group, never by the shard or the
 dataset. Shards are committed one by one; a rerun continues after the last one.
@@ -246,28 +251,52 @@ def detect_format(columns):
 
 
 def to_conversation(row, fmt):
-    """One source row as [(role, content)] turns. Edit this to teach the bundle a new format."""
+    """One source row as turns {role, content, ...}. Edit this to teach the bundle a new format."""
     if fmt == "sharegpt":
-        turns = row.get("conversations") or row.get("conversation") or []
-        turns = [(t.get("from", t.get("role")), t.get("value", t.get("content"))) for t in turns]
+        turns = [{**t, "role": t.get("from", t.get("role")), "content": t.get("value", t.get("content"))}
+                 for t in messages_of(row.get("conversations") or row.get("conversation"))]
     elif fmt == "openai":
-        turns = [(m.get("role"), text_of(m.get("content"))) for m in row.get("messages") or []]
+        turns = [{**m, "content": text_of(m.get("content"))} for m in messages_of(row.get("messages"))]
     elif fmt == "alpaca":
-        prompt = row.get("instruction")
-        if isinstance(prompt, str) and row.get("input"):
-            prompt = f"{prompt}\n\n{row['input']}"
-        turns = [("user", prompt), ("assistant", row.get("output", row.get("response")))]
+        prompt, extra = row.get("instruction"), row.get("input")
+        if isinstance(prompt, str) and isinstance(extra, str) and extra:
+            prompt = f"{prompt}\n\n{extra}"
+        turns = [{"role": "user", "content": prompt},
+                 {"role": "assistant", "content": row.get("output", row.get("response"))}]
     else:  # prompt_completion: each side a string or a list of messages
         turns = as_turns(row.get("prompt"), "user") + as_turns(row.get("completion"), "assistant")
-    if row.get("system") and not (turns and turns[0][0] == "system"):
-        turns.insert(0, ("system", row["system"]))
+    if row.get("system") and not (turns and turns[0]["role"] == "system"):
+        turns.insert(0, {"role": "system", "content": row["system"]})
     return turns
 
 
 def as_turns(value, role):
     if isinstance(value, list):
-        return [(m.get("role"), text_of(m.get("content"))) for m in value]
-    return [(role, value)]
+        return [{**m, "content": text_of(m.get("content"))} for m in messages_of(value)]
+    return [{"role": role, "content": value}]
+
+
+def messages_of(value):
+    """A row's messages, each a dict. A JSON source whose messages differ in shape (tool calls,
+    weights, nulls) comes back from the raw shard with each message as JSON text."""
+    value = from_json(value)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise Rejected("messages are not a list")
+    found = [from_json(m) for m in value]
+    if not all(isinstance(m, dict) for m in found):
+        raise Rejected("a message is not an object")
+    return found
+
+
+def from_json(value):
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def text_of(content):
@@ -279,27 +308,97 @@ def text_of(content):
     return content
 
 
-def clean(turns):
+def without_nulls(value):
+    """Objects without their null members: where a column of objects is stored as a struct,
+    Parquet gives every row every key seen in any row, absent ones as null."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+def tool_calls_of(value):
+    """Assistant tool calls as the chat templates take them, JSON text: [{type, function:
+    {name, arguments}, id?}], the arguments an object (OpenAI's files hold them as JSON text)."""
+    value = from_json(value)
+    if not value:
+        return None
+    if not isinstance(value, list):
+        raise Rejected("tool_calls is not a list")
+    calls = []
+    for call in map(from_json, value):
+        function = from_json(call.get("function", call)) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise Rejected("a tool call without a function name")
+        arguments = without_nulls(from_json(function.get("arguments") or {}))
+        if not isinstance(arguments, dict):
+            raise Rejected("tool call arguments that are not a JSON object")
+        calls.append(({"id": call["id"]} if isinstance(call.get("id"), str) else {})
+                     | {"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return json.dumps(calls)
+
+
+def clean(turns, tools=None):
     """Map roles, remove empty turns and turns after the last answer; reject what can't train.
 
-    Returns the conversation and the list of changes beyond renaming roles."""
+    Returns the conversation, the tools it may call (JSON text) and the list of changes beyond
+    renaming roles. An assistant turn is trained unless its `weight` is 0 (OpenAI's files):
+    then it is context, as the other roles are."""
     conversation, changes = [], []
-    for role, content in turns:
+    for turn in turns:
+        role, content = turn.get("role"), turn.get("content")
         if role not in ROLES:
             raise Rejected(f"unknown role {role!r}")
+        role = ROLES[role]
         if content is not None and not isinstance(content, str):
             raise Rejected("non-text value")
-        if not content or not content.strip():
+        calls = tool_calls_of(turn.get("tool_calls"))
+        if calls and role != "assistant":
+            raise Rejected(f"tool calls in a {role} turn")
+        weight = turn.get("weight")
+        if weight not in (None, 0, 1):
+            raise Rejected(f"weight {weight!r}, not 0 or 1")
+        if weight is not None and role != "assistant":
+            changes.append(f"weight of a {role} turn ignored")
+        if not calls and (not content or not content.strip()):
             changes.append("empty turn removed")
             continue
-        conversation.append({"role": ROLES[role], "content": content})
+        call_id = turn.get("tool_call_id")
+        conversation.append({"role": role, "content": content or "",
+                             "weight": int(role == "assistant" and weight != 0), "tool_calls": calls,
+                             "tool_call_id": call_id if isinstance(call_id, str) else None})
     answered = [i for i, turn in enumerate(conversation) if turn["role"] == "assistant"]
     if not answered:
         raise Rejected("no assistant answer")
+    if not any(conversation[i]["weight"] for i in answered):
+        raise Rejected("every assistant answer has weight 0")
     if answered[-1] < len(conversation) - 1:
         conversation = conversation[:answered[-1] + 1]
         changes.append("turns after the last answer removed")
-    return conversation, sorted(set(changes))
+    tools = without_nulls(from_json(tools))
+    if tools and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise Rejected("tools is not a list of objects")
+    return conversation, json.dumps(tools) if tools else None, sorted(set(changes))
+
+
+def standardized_row(row, fmt):
+    """A source row standardized: (conversation, tools, changes), or Rejected with the reason.
+    A shape no rule foresaw is rejected with what went wrong rather than ending the import."""
+    try:
+        return clean(to_conversation(row, fmt), row.get("tools"))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise Rejected(f"cannot convert the row ({type(e).__name__}: {e}): edit "
+                       "to_conversation() in import-dataset.py") from None
+
+
+def standardized_schema():
+    import pyarrow as pa
+
+    turn = pa.struct([("role", pa.string()), ("content", pa.string()), ("weight", pa.int8()),
+                      ("tool_calls", pa.string()), ("tool_call_id", pa.string())])
+    return pa.schema([("conversations", pa.list_(turn)), ("tools", pa.string()),
+                      ("source_row", pa.int64())])
 
 
 def standardize(settings, bucket, raw):
@@ -308,8 +407,10 @@ def standardize(settings, bucket, raw):
     The raw shards are read row group by row group; the row groups are standardized in NUM_PROC
     processes and written back in order: the same bytes whatever NUM_PROC."""
     prefix = standardized_prefix(settings.dataset_name)
-    code = [inspect.getsource(f) for f in (to_conversation, as_turns, text_of, clean)]
-    inputs = with_rebuild({"step": "standardized/1", "raw_manifest": manifest_fingerprint(raw),
+    code = [inspect.getsource(f) for f in (to_conversation, as_turns, messages_of, from_json,
+                                           text_of, without_nulls, tool_calls_of, clean,
+                                           standardized_row)]
+    inputs = with_rebuild({"step": "standardized/2", "raw_manifest": manifest_fingerprint(raw),
                            "format": settings.format, "code": fingerprint([code, ROLES])},
                           settings, "import-dataset")
     manifest = resume_or_start(bucket, prefix, inputs, settings.force)
@@ -370,15 +471,6 @@ def standardize(settings, bucket, raw):
     return manifest
 
 
-def standardized_schema():
-    import pyarrow as pa
-
-    return pa.schema([
-        ("conversations", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("source_row", pa.int64()),
-    ])
-
-
 def standardize_rows(task):
     """One row group of a raw shard (its first row's number, the FORMAT), in a worker process:
     the rows kept as a table, the lines of the rejected list, and how many rows each change
@@ -388,11 +480,11 @@ def standardize_rows(task):
     table, source_row, fmt = task
     if fmt == "auto":
         fmt = detect_format(table.column_names)
-    kept = {"conversations": [], "source_row": []}
+    kept = {"conversations": [], "tools": [], "source_row": []}
     lines, counts = [], {"dropped": {}, "altered": {}}
     for row in table.to_pylist():
         try:
-            conversation, changes = clean(to_conversation(row, fmt))
+            conversation, tools, changes = standardized_row(row, fmt)
         except Rejected as reason:
             changes, conversation = [str(reason)], None
         action = "dropped" if conversation is None else "altered"
@@ -403,6 +495,7 @@ def standardize_rows(task):
                                      "reasons": changes}).encode() + b"\n")
         if conversation is not None:
             kept["conversations"].append(conversation)
+            kept["tools"].append(tools)
             kept["source_row"].append(source_row)
         source_row += 1
     return pa.Table.from_pydict(kept, schema=standardized_schema()), b"".join(lines), counts

@@ -77,7 +77,7 @@ def main():
     model = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
     inputs = json.loads(json.dumps(with_rebuild({  # as it reads back from markers and manifest
-        "step": "model-ready/2", "standardized": manifest_fingerprint(standardized),
+        "step": "model-ready/3", "standardized": manifest_fingerprint(standardized),
         "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
         "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
         "eval_rows": settings.eval_rows, "part_size": settings.part_size},
@@ -214,9 +214,11 @@ def write_manifest_if_all_done(bucket, prefix, inputs, parts):
     for marker in done:
         shard = shards.setdefault(marker["shard"], {"path": marker["shard"], "rows": 0, "tokens": 0,
                                                     "trained_tokens": 0, "truncated": 0,
-                                                    "dropped": 0, "parts": []})
+                                                    "dropped": 0, "dropped_reasons": {}, "parts": []})
         for key in ("rows", "tokens", "trained_tokens", "truncated", "dropped"):
             shard[key] += marker[key]
+        for reason, count in marker["dropped_reasons"].items():
+            shard["dropped_reasons"][reason] = shard["dropped_reasons"].get(reason, 0) + count
         shard["parts"].append({"path": marker["path"], "rows": marker["rows"],
                                "tokens": marker["tokens"]})
     totals = {key: sum(marker[key] for marker in done) for key in COUNTS}
@@ -291,12 +293,14 @@ def tokenize_row_group(task):
     job, table, first_row = task
     labeller = labeller_in_this_process(job["model_dir"], job["chat_template"],
                                         job["max_seq_length"])
-    conversations = table.column("conversations").to_pylist()
+    conversations = [chat_of(turns) for turns in table.column("conversations").to_pylist()]
     source_rows = table.column("source_row").to_pylist()
+    tools = [tools and json.loads(tools) for tools in (
+        table.column("tools").to_pylist() if "tools" in table.column_names else [None] * table.num_rows)]
     held = [held_out(first_row + i, job["eval_rows"], job["dataset_rows"])
             for i in range(len(source_rows))]
-    train, evaluation = (labeller([c for c, h in zip(conversations, held) if h == side],
-                                  [r for r, h in zip(source_rows, held) if h == side])
+    train, evaluation = (labeller(*([value for value, h in zip(column, held) if h == side]
+                                    for column in (conversations, source_rows, tools)))
                          for side in (False, True))
     counts = {"rows": len(train.source_rows), "tokens": train.tokens,
               "trained_tokens": train.trained_tokens, "truncated": train.truncated,
@@ -366,6 +370,17 @@ class Rows:
                         schema=model_ready_schema())
 
 
+def chat_of(turns):
+    """A standardized conversation as chat templates take it: tool calls as objects. A turn's
+    weight stays (templates ignore it): the labeller trains the assistant turns of weight 1."""
+    return [{key: json.loads(value) if key == "tool_calls" else value
+             for key, value in turn.items() if value is not None} for turn in turns]
+
+
+def trained(message):
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
+
+
 class Labeller:
     """Renders conversations, finds each answer in the text, tokenizes, labels, truncates.
 
@@ -377,10 +392,12 @@ class Labeller:
     marks give each answer's characters. The end-of-turn text (the template's text after an
     answer, up to the whitespace before the next turn) is found once by rendering a probe
     exchange, and must follow each answer. Any other row (a template that transforms content,
-    an answer containing the mark) is located by rendering the conversation's prefixes up to
-    each answer, which holds for any template that renders a conversation's beginning the
-    same way whatever follows. The text is then tokenized once, and a token is trained when
-    any of its characters is an answer's or an end-of-turn's."""
+    an answer containing the mark, an answer with tool calls) is located by rendering the
+    conversation's prefixes up to each answer, which holds for any template that renders a
+    conversation's beginning the same way whatever follows; an answer with tool calls is then
+    all the turn renders after the generation prompt, and must show each call's name. The
+    text is then tokenized once, and a token is trained when any of its characters is an
+    answer's or an end-of-turn's. Only answers of weight 1 (the default) are trained."""
 
     def __init__(self, tokenizer, max_length):
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -394,22 +411,30 @@ class Labeller:
                             "set CHAT_TEMPLATE=chatml or use another model") from None
         self.end_of_turn = text[text.rindex(ANSWER_MARK) + 1:].rstrip()
 
-    def render(self, conversations, add_generation_prompt=False):
-        return self.tokenizer.apply_chat_template(conversations, tokenize=False,
+    def render(self, conversations, add_generation_prompt=False, tools=None):
+        return self.tokenizer.apply_chat_template(conversations, tokenize=False, tools=tools,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def __call__(self, conversations, source_rows):
+    def __call__(self, conversations, source_rows, tools=None):
         """The Rows of one batch: rendered twice, answers located, tokenized, labelled."""
         if not conversations:
             return Rows()
-        texts, reasons = self.render_all(conversations)
+        tools = tools or [None] * len(conversations)
+        texts, reasons = self.render_all(conversations, tools)
         marked = self.render_all([[mark(message) for message in conversation]
-                                  for conversation in conversations])[0]
+                                  for conversation in conversations], tools)[0]
         spans = [None if text is None else
                  self.spans_by_marks(text, marked_text, conversation)
-                 or self.spans_by_prefixes(text, conversation)
-                 for text, marked_text, conversation in zip(texts, marked, conversations)]
+                 or self.spans_by_prefixes(text, conversation, row_tools)
+                 for text, marked_text, conversation, row_tools
+                 in zip(texts, marked, conversations, tools)]
         located = [i for i, s in enumerate(spans) if s]
+        for i, conversation in enumerate(conversations):
+            if not spans[i] and reasons[i] is None:
+                reasons[i] = ("no answer to train: every one has weight 0" if spans[i] == []
+                              else "the chat template does not render tool calls"
+                              if any(m.get("tool_calls") for m in conversation) else
+                              "answers not found in the rendered conversation")
         encodings = self.backend.encode_batch([texts[i] for i in located], add_special_tokens=False)
         return self.label(source_rows, spans, reasons, located, encodings)
 
@@ -420,8 +445,7 @@ class Labeller:
         encodings = dict(zip(located, encodings))
         for i, source_row in enumerate(source_rows):
             if i not in encodings:
-                rows.dropped.append((source_row, reasons[i] or "answers not found in the "
-                                     "rendered conversation"))
+                rows.dropped.append((source_row, reasons[i]))
                 continue
             encoding = encodings[i]
             ids = np.array(encoding.ids, dtype=np.int32)
@@ -443,25 +467,31 @@ class Labeller:
             rows.trained_tokens += trained
         return rows
 
-    def render_all(self, conversations):
-        """Renderings of a batch, and for a row the template refuses, None and the reason."""
+    def render_all(self, conversations, tools):
+        """Renderings of a batch, and for a row the template refuses, None and the reason.
+        Rows with tools are rendered one by one, each with its own."""
         try:
-            return self.render(conversations), [None] * len(conversations)
+            if not any(tools):
+                return self.render(conversations), [None] * len(conversations)
         except Exception:  # noqa: BLE001 - jinja raises many kinds; find the rows that fail
-            texts, reasons = [], []
-            for conversation in conversations:
-                try:
-                    texts.append(self.render([conversation])[0])
-                    reasons.append(None)
-                except Exception as e:  # noqa: BLE001
-                    texts.append(None)
-                    reasons.append(f"chat template error: {e}")
-            return texts, reasons
+            pass
+        texts, reasons = [], []
+        for conversation, row_tools in zip(conversations, tools):
+            try:
+                texts.append(self.render([conversation], tools=row_tools)[0])
+                reasons.append(None)
+            except Exception as e:  # noqa: BLE001
+                texts.append(None)
+                reasons.append(f"chat template error: {e}")
+        return texts, reasons
 
     def spans_by_marks(self, text, marked, conversation):
-        answers = [m["content"] for m in conversation if m["role"] == "assistant"]
+        answers = [m for m in conversation if trained(m)]
+        if any(m.get("tool_calls") for m in answers):
+            return None
         parts = (marked or "").split(ANSWER_MARK)
-        if len(parts) != 2 * len(answers) + 1 or parts[1::2] != answers or "".join(parts) != text:
+        if len(parts) != 2 * len(answers) + 1 or parts[1::2] != [m["content"] for m in answers] \
+                or "".join(parts) != text:
             return None
         spans, position = [], 0
         for i, part in enumerate(parts):
@@ -472,19 +502,25 @@ class Labeller:
             position += len(part)
         return spans
 
-    def spans_by_prefixes(self, text, conversation):
+    def spans_by_prefixes(self, text, conversation, tools=None):
         spans = []
         for k, message in enumerate(conversation):
-            if message["role"] != "assistant":
+            if not trained(message):
                 continue
             try:
-                head = self.render([conversation[:k]], add_generation_prompt=True)[0] if k else ""
-                through = self.render([conversation[:k + 1]])[0]
+                head = self.render([conversation[:k]], add_generation_prompt=True, tools=tools)[0] \
+                    if k else ""
+                through = self.render([conversation[:k + 1]], tools=tools)[0]
             except Exception:  # noqa: BLE001
                 return None
             if not (text.startswith(head) and text.startswith(through)):
                 return None
             turn = text[len(head):len(through)]
+            if message.get("tool_calls"):
+                if not all(call["function"]["name"] in turn for call in message["tool_calls"]):
+                    return None
+                spans.append((len(head), len(head) + len(turn.rstrip())))
+                continue
             for answer in (message["content"], message["content"].strip()):
                 at = turn.find(answer)
                 if at >= 0:
@@ -497,7 +533,7 @@ class Labeller:
 
 
 def mark(message):
-    if message["role"] != "assistant":
+    if not trained(message):
         return message
     return {**message, "content": f"{ANSWER_MARK}{message['content']}{ANSWER_MARK}"}
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,9 @@ def main():
         inputs = demo.make_inputs(work / "inputs", rows=args.rows)
         for gpus in (1, 2):
             with demo.local_s3() as endpoint:
+                # moto's buckets live in the process, not the server: start from none.
+                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset",
+                                                              method="POST"))
                 demo.create_bucket(endpoint, demo.BUCKET)
                 env = demo.demo_env(endpoint, demo.BUCKET, inputs, work / f"{gpus}-a-node",
                                     SHARD_SIZE=str(args.shard_size), MAX_SEQ_LENGTH="256",

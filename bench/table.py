@@ -119,9 +119,24 @@ def gpu_train_rows(result):
             for name, run in result["runs"].items()]
 
 
+def node_disk_rows(result):
+    one, two = (result["runs"][f"{n}_a_node"] for n in (1, 2))
+
+    def peaks(run):
+        return " / ".join(f"{run['work_dir_peak_bytes'][node] / 2**20:.1f}"
+                          for node in sorted(run["work_dir_peak_bytes"]))
+
+    return [{"benchmark": f"a node's scratch-disk peak, 1 -> 2 training processes a node "
+                          f"(2 nodes, {result['rows']:,} rows in shards of {result['shard_size']:,})",
+             "figure": f"{peaks(one)} -> {peaks(two)} MiB (node 0 / node 1; a model-ready shard "
+                       f"{one['model_ready_bytes'] / len(one['sequences_a_shard']) / 2**20:.2f} MiB, "
+                       f"fused/ {one['fused_bytes'] / 2**20:.1f} MiB)",
+             "target": f"2 within {result['target']}x of 1", "met": result["met"]}]
+
+
 ROWS = {"import_memory": import_memory_rows, "import_throughput": import_throughput_rows,
         "pretokenize_throughput": pretokenize_rows, "gpu_train": gpu_train_rows,
-        "export_memory": export_memory_rows}
+        "export_memory": export_memory_rows, "node_disk": node_disk_rows}
 
 if __name__ == "__main__":
     main()

@@ -34,6 +34,13 @@ def rejected(objects, name):
     return lines
 
 
+def turn(role, content, weight=None, tool_calls=None, tool_call_id=None):
+    """A standardized turn: assistant turns are trained (weight 1) unless weight=0 is given."""
+    return {"role": role, "content": content,
+            "weight": int(role == "assistant") if weight is None else weight,
+            "tool_calls": tool_calls and json.dumps(tool_calls), "tool_call_id": tool_call_id}
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -103,8 +110,8 @@ def test_synthetic_formats_agree(s3, tmp_path):
             single_turn.append([r["conversations"] for r in rows])
         else:
             sharegpt_like = [r["conversations"] for r in rows]
-            expected = [[{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]),
-                          "content": t["value"]} for t in c["conversations"]]
+            expected = [[turn({"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]),
+                               t["value"]) for t in c["conversations"]]
                         for c in synthetic.conversations(300)]
             assert sharegpt_like == expected, name
     assert single_turn[0] == single_turn[1] == single_turn[2]
@@ -120,11 +127,11 @@ def test_rejection_rules():
 
     turns = convert({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"},
                                        {"from": "human", "value": "more?"}]}, "sharegpt")
-    conversation, changes = clean(turns)
-    assert conversation == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    conversation, tools, changes = clean(turns)
+    assert conversation == [turn("user", "hi"), turn("assistant", "yo")] and tools is None
     assert changes == ["turns after the last answer removed"]
 
-    conversation, changes = clean(convert({"messages": [
+    conversation, _, changes = clean(convert({"messages": [
         {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
         {"role": "user", "content": "  "}, {"role": "user", "content": "q"},
         {"role": "assistant", "content": "a"}]}, "openai"))
@@ -132,12 +139,11 @@ def test_rejection_rules():
     assert conversation[0]["content"] == "be brief" and changes == ["empty turn removed"]
 
     assert clean(convert({"instruction": "Add", "input": "1+1", "output": "2", "system": "math"},
-                         "alpaca"))[0] == [{"role": "system", "content": "math"},
-                                           {"role": "user", "content": "Add\n\n1+1"},
-                                           {"role": "assistant", "content": "2"}]
+                         "alpaca"))[0] == [turn("system", "math"), turn("user", "Add\n\n1+1"),
+                                           turn("assistant", "2")]
     assert clean(convert({"prompt": [{"role": "user", "content": "q"}],
                           "completion": [{"role": "assistant", "content": "a"}]},
-                         "prompt_completion"))[0][1] == {"role": "assistant", "content": "a"}
+                         "prompt_completion"))[0][1] == turn("assistant", "a")
 
     for row, fmt, reason in [
         ({"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
@@ -152,6 +158,145 @@ def test_rejection_rules():
     ]:
         with pytest.raises(Rejected, match=reason.replace("(", r"\(")):
             clean(convert(row, fmt))
+
+
+WEATHER_CALL = {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+# OpenAI's chat fine-tuning format: weights, tool calls with null content, tool results, tools.
+OPENAI_FINE_TUNING = [
+    {"messages": [{"role": "system", "content": "Be terse."},
+                  {"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Lyon.", "weight": 0},
+                  {"role": "user", "content": "Really?"},
+                  {"role": "assistant", "content": "Paris.", "weight": 1}]},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [WEATHER_CALL]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+                  {"role": "assistant", "content": "21 degrees."}],
+     "tools": [WEATHER_TOOL], "parallel_tool_calls": False},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                  {"role": "assistant", "content": "Hello", "weight": 0}]},
+]
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+USER_ASSISTANT = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_openai_fine_tuning_files_keep_weights_tool_calls_and_tools(s3, tmp_path):
+    source = write_jsonl(tmp_path / "ft.jsonl", OPENAI_FINE_TUNING)
+    run_step("import-dataset.py", {**s3, "MAX_REJECT_FRACTION": "0.5"}, "--dataset-name", "ft",
+             "--dataset-source", str(source))
+    objects = bucket_objects(s3)
+    manifest, rows = standardized(objects, "ft")
+    assert manifest["rows"] == 2 and manifest["dropped"] == {"every assistant answer has weight 0": 1}
+    assert rows[0]["conversations"] == [
+        turn("system", "Be terse."), turn("user", "Capital of France?"),
+        turn("assistant", "Lyon.", weight=0), turn("user", "Really?"), turn("assistant", "Paris.")]
+    assert rows[1]["conversations"] == [
+        turn("user", "Weather in Paris?"), turn("assistant", "", tool_calls=[CALL]),
+        turn("tool", '{"temp": 21}', tool_call_id="call_1"), turn("assistant", "21 degrees.")]
+    assert json.loads(rows[1]["tools"]) == [WEATHER_TOOL] and rows[0]["tools"] is None
+    assert rejected(objects, "ft") == [{"source_row": 2, "action": "dropped",
+                                        "reasons": ["every assistant answer has weight 0"]}]
+
+
+@pytest.mark.parametrize("row, fmt, expected", [
+    # kept: the roles of the conversation, or the tools it may call
+    ({"messages": USER_ASSISTANT, "id": 7, "meta": {"x": None}}, "openai", ["user", "assistant"]),
+    ({"messages": json.dumps(USER_ASSISTANT)}, "openai", ["user", "assistant"]),
+    ({"messages": [json.dumps(m) for m in USER_ASSISTANT]}, "openai", ["user", "assistant"]),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}, {"type": "text"}]},
+                   {"role": "assistant", "content": "a", "weight": None, "extra": [1]}]},
+     "openai", ["user", "assistant"]),
+    ({"messages": [{"role": "user", "content": None}, *USER_ASSISTANT]}, "openai",
+     ["user", "assistant"]),
+    ({"messages": [{"role": "user", "content": "q", "weight": 1},
+                   {"role": "assistant", "content": "a", "weight": True}]}, "openai",
+     ["user", "assistant"]),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
+      "tool_calls": [{"name": "f", "arguments": None}]}]}, "openai", ["user", "assistant"]),
+    ({"messages": USER_ASSISTANT, "tools": json.dumps([WEATHER_TOOL])}, "openai", [WEATHER_TOOL]),
+    ({"messages": USER_ASSISTANT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": None}}]}, "openai", [{"type": "function", "function": {"name": "f"}}]),
+    ({"conversations": json.dumps([{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}])},
+     "sharegpt", ["user", "assistant"]),
+    ({"prompt": [json.dumps({"role": "user", "content": "q"})], "completion": "a"},
+     "prompt_completion", ["user", "assistant"]),
+    # rejected, with the reason
+    ({"messages": None}, "openai", "no assistant answer"),
+    ({"messages": "not json"}, "openai", "messages are not a list"),
+    ({"messages": {"role": "user"}}, "openai", "messages are not a list"),
+    ({"messages": [5, {"role": "assistant", "content": "a"}]}, "openai", "a message is not an object"),
+    ({"messages": ["{broken", {"role": "assistant", "content": "a"}]}, "openai",
+     "a message is not an object"),
+    ({"messages": [{"content": "q"}, {"role": "assistant", "content": "a"}]}, "openai",
+     "unknown role None"),
+    ({"messages": [{"role": "user", "content": {"text": "q"}}, {"role": "assistant", "content": "a"}]},
+     "openai", "non-text value"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}, "x"]},
+                   {"role": "assistant", "content": "a"}]}, "openai", "non-text content part"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a",
+                                                      "weight": 2}]}, "openai", "weight 2, not 0 or 1"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a",
+                                                      "weight": "1"}]}, "openai", "weight '1', not 0 or 1"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                                                      "tool_calls": {"name": "f"}}]},
+     "openai", "tool_calls is not a list"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+                                                      "tool_calls": [{"function": {}}]}]},
+     "openai", "a tool call without a function name"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+      "tool_calls": [{"function": {"name": "f", "arguments": "{not json"}}]}]},
+     "openai", "tool call arguments that are not a JSON object"),
+    ({"messages": [{"role": "user", "content": "q", "tool_calls": [WEATHER_CALL]},
+                   {"role": "assistant", "content": "a"}]}, "openai", "tool calls in a user turn"),
+    ({"messages": USER_ASSISTANT, "tools": "nothing"}, "openai", "tools is not a list of objects"),
+    ({"conversations": [{"from": "human", "value": "q"}, "gpt: a"]}, "sharegpt",
+     "a message is not an object"),
+    ({"conversations": 3}, "sharegpt", "messages are not a list"),
+    ({"instruction": ["q"], "input": {"x": 1}, "output": "a"}, "alpaca", "non-text value"),
+    ({"prompt": 1.5, "completion": "a"}, "prompt_completion", "non-text value"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [None]}, "prompt_completion",
+     "a message is not an object"),
+])
+def test_odd_row_shapes_are_kept_or_rejected_with_a_reason(row, fmt, expected):
+    try:
+        conversation, tools, _ = import_dataset.standardized_row(row, fmt)
+    except import_dataset.Rejected as reason:
+        assert str(reason) == expected
+        return
+    if isinstance(expected[0], dict):
+        assert json.loads(tools) == expected
+    else:
+        assert [t["role"] for t in conversation] == expected
+
+
+def test_odd_rows_in_one_file_import_without_a_traceback(s3, tmp_path):
+    """Shapes that vary from row to row, in one JSONL file: each row is kept or listed."""
+    rows = OPENAI_FINE_TUNING + [
+        {"messages": USER_ASSISTANT, "tools": None},
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": ["a"]}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a",
+                                                         "weight": 2}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None,
+          "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{bad"}}]}]},
+        {"messages": USER_ASSISTANT, "tools": [{"type": "function", "function": {"name": "g"}}],
+         "extra": {"nested": [1, None]}},
+    ]
+    source = write_jsonl(tmp_path / "odd.jsonl", rows)
+    result = run_step("import-dataset.py", {**s3, "MAX_REJECT_FRACTION": "0.5"}, "--dataset-name",
+                      "odd", "--dataset-source", str(source))
+    assert "Traceback" not in result.stdout + result.stderr
+    objects = bucket_objects(s3)
+    manifest, kept = standardized(objects, "odd")
+    listed = {line["source_row"]: line["reasons"] for line in rejected(objects, "odd")
+              if line["action"] == "dropped"}
+    assert manifest["rows"] + len(listed) == len(rows)
+    assert listed == {2: ["every assistant answer has weight 0"], 4: ["non-text content part"],
+                      5: ["weight 2, not 0 or 1"], 6: ["tool call arguments that are not a JSON object"]}
+    assert [r["source_row"] for r in kept] == [0, 1, 3, 7]
 
 
 def test_rejected_rows_are_counted_and_listed(s3, tmp_path):

@@ -172,6 +172,79 @@ def test_chatml_is_refused_on_a_vocabulary_without_its_tokens(tmp_path):
     assert labeller.end_of_turn == "</s>"
 
 
+# ---------------------------------------------------------------- weights and tool calls
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+FINE_TUNING_ROWS = [  # OpenAI's chat fine-tuning format
+    {"messages": [{"role": "user", "content": "Capital of France?"},
+                  {"role": "assistant", "content": "Lyon.", "weight": 0},
+                  {"role": "user", "content": "Really?"},
+                  {"role": "assistant", "content": "Paris.", "weight": 1}]},
+    {"messages": [{"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [{
+                      "id": "call_1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+                  {"role": "assistant", "content": "21 degrees."}],
+     "tools": [WEATHER_TOOL]},
+]
+TOOL_CALL_TURN = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def test_weight_0_answers_are_context_and_only_weight_1_answers_train(tiny_tokenizer):
+    conversation = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "weight": 0},
+                    {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "weight": 1},
+                    {"role": "user", "content": "Q3"}, {"role": "assistant", "content": "A3"}]
+    for template in ("chatml", "llama3-style"):
+        tokenizer = tokenizer_for(template, tiny_tokenizer)
+        end_of_turn = TEMPLATES[template][0]
+        rows = pretokenize.Labeller(tokenizer, 10_000)([conversation], [0])
+        assert [tokenizer.decode(run) for run in trained_runs(rows.ids[0], rows.labels[0])] == \
+            ["A2" + end_of_turn, "A3" + end_of_turn], template
+    everything_context = [{**m, "weight": 0} for m in conversation]
+    rows = pretokenize.Labeller(tiny_tokenizer, 10_000)([everything_context], [5])
+    assert rows.dropped == [(5, "no answer to train: every one has weight 0")]
+
+
+def test_tool_calls_train_as_the_template_renders_them_or_the_row_is_dropped(tiny_tokenizer, tmp_path):
+    """Through both steps: an OpenAI fine-tuning file imported, then labelled with Qwen2.5's
+    template, which renders tools and tool calls; the tiny model's ChatML template does not,
+    and its row with tool calls is dropped with the reason."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "ft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in FINE_TUNING_ROWS))
+    qwen = work / "qwen"
+    shutil.copytree(fixture_path("tokenizers", "qwen2.5-0.5b"), qwen)
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.zeros((2, 2), dtype=np.float32)}, str(qwen / "model.safetensors"))
+    tiny = work / "tiny"
+    tiny_tokenizer.save_pretrained(tiny)
+    save_file({"weight": np.zeros((2, 2), dtype=np.float32)}, str(tiny / "model.safetensors"))
+    env = {"BUCKET_NAME": f"file://{work / 'bucket'}", "DATASET_NAME": "ft", "EVAL_ROWS": "0",
+           "MODEL_CACHE_DIR": str(work / "cache")}
+    run_step("import-dataset.py", {**env, "DATASET_SOURCE": str(work / "ft.jsonl")})
+    for name, source in (("qwen", qwen), ("tiny", tiny)):
+        run_step("import-model.py", {**env, "MODEL_NAME": name, "MODEL_SOURCE": str(source)})
+        run_step("pretokenize.py", {**env, "MODEL_NAME": name, "MAX_SEQ_LENGTH": "1024"})
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen)
+    rows = read_rows(bucket_objects(env), "model-ready/qwen/ft")
+    assert [[tokenizer.decode(run) for run in trained_runs(rows[r]["input_ids"], rows[r]["labels"])]
+            for r in (0, 1)] == [["Paris.<|im_end|>"],
+                                 [TOOL_CALL_TURN + "<|im_end|>", "21 degrees.<|im_end|>"]]
+    rendered = tokenizer.decode(rows[1]["input_ids"])
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in rendered
+    assert '<tool_response>\n{"temp": 21}\n</tool_response>' in rendered
+
+    manifest = json.loads(bucket_objects(env)["model-ready/tiny/ft/_manifest.json"])
+    assert manifest["rows"] == 1
+    assert manifest["shards"][0]["dropped_reasons"] == {"the chat template does not render tool calls": 1}
+
+
 # ---------------------------------------------------------------- the step
 
 
@@ -298,7 +371,8 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     # What dotrain.py reads: each shard's parts, and the evaluation files, in order.
     assert [shard["path"] for shard in manifest["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
     for shard in manifest["shards"]:
-        assert set(shard) == {"path", "rows", "tokens", "trained_tokens", "truncated", "dropped", "parts"}
+        assert set(shard) == {"path", "rows", "tokens", "trained_tokens", "truncated", "dropped",
+                              "dropped_reasons", "parts"}
         assert [part["path"] for part in shard["parts"]] == [f"{shard['path']}/part-00000.parquet"]
         part = pq.read_table(io.BytesIO(objects[f"{PREFIX}/{shard['parts'][0]['path']}"]))
         assert shard["parts"][0] == {"path": shard["parts"][0]["path"], "rows": part.num_rows,
