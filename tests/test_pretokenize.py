@@ -397,6 +397,18 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     assert proxy.writes() == []
 
 
+def test_eval_rows_are_capped_at_a_tenth_of_the_dataset(imported, tmp_path):
+    bucket = tmp_path / "bucket"
+    shutil.copytree(imported, bucket)
+    env = step_env({"BUCKET_NAME": f"file://{bucket}"}, tmp_path, EVAL_ROWS="100000")
+    rows = json.loads((bucket / f"standardized/{DATASET}/_manifest.json").read_text())["rows"]
+    result = run_step("pretokenize.py", env)
+    assert f"EVAL_ROWS=100000 is more than a tenth of the dataset's {rows} rows: holding out " \
+        f"{rows // 10}" in result.stdout
+    manifest = json.loads((bucket / f"{PREFIX}/_manifest.json").read_text())
+    assert manifest["eval_rows"] + manifest["eval_dropped"] == rows // 10
+
+
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory, tiny_tokenizer):
     """A local bucket with one standardized shard of three row groups (4,500 rows, some too
