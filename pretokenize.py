@@ -295,8 +295,9 @@ def tokenize_row_group(task):
                                         job["max_seq_length"])
     conversations = [chat_of(turns) for turns in table.column("conversations").to_pylist()]
     source_rows = table.column("source_row").to_pylist()
-    tools = [tools and json.loads(tools) for tools in (
-        table.column("tools").to_pylist() if "tools" in table.column_names else [None] * table.num_rows)]
+    tools_text = (table.column("tools").to_pylist() if "tools" in table.column_names
+                  else [None] * table.num_rows)
+    tools = [text and json.loads(text) for text in tools_text]
     held = [held_out(first_row + i, job["eval_rows"], job["dataset_rows"])
             for i in range(len(source_rows))]
     train, evaluation = (labeller(*([value for value, h in zip(column, held) if h == side]
