@@ -1116,8 +1116,9 @@ class Uploads:
     """Checkpoint uploads in a background thread, one after the other: a checkpoint's files,
     its _checkpoint.json, then latest.json naming it; then the checkpoints before the previous
     one go (the previous one stays until a later one is named, so that a reader of an older
-    latest.json still finds what it names). Training waits only when it saves a checkpoint
-    before the previous one is uploaded."""
+    latest.json still finds what it names; later ones stay too: other nodes upload their RNG
+    states into the next checkpoint while this one uploads). Training waits only when it saves
+    a checkpoint before the previous one is uploaded."""
 
     def __init__(self, bucket, prefix, done, work, pointer):
         self.bucket, self.prefix, self.done, self.work = bucket, prefix, done, work
@@ -1155,9 +1156,10 @@ class Uploads:
         pointer = json.dumps({**pointer, "files": sorted([*files, *others])}, indent=1).encode()
         bucket.put(f"{prefix}/{name}/{WHOLE}", pointer)
         bucket.put(f"{prefix}/{POINTER}", pointer)
+        oldest_kept = int((self.previous or name).removeprefix("checkpoint-"))
         for old in bucket.fs.ls(bucket.path(prefix), detail=False):
-            if os.path.basename(old).startswith("checkpoint-") and os.path.basename(old) not in (
-                    name, self.previous):
+            folder = os.path.basename(old)
+            if folder.startswith("checkpoint-") and int(folder.removeprefix("checkpoint-")) < oldest_kept:
                 bucket.fs.rm(old, recursive=True)
         self.previous = name
         self.upload_event_files()

@@ -297,6 +297,33 @@ def test_epochs_cosine_schedule_evaluations_and_tensorboard(local_bucket, inputs
     assert metrics["work_dir_peak_bytes"]["node 0"] > 0
 
 
+def test_an_upload_removes_only_checkpoints_older_than_the_previous_one(tmp_path):
+    """Rank 0 uploads checkpoint 3 while node 1 already puts its RNG states into checkpoint 4:
+    checkpoint 1 goes, the previous one (2, which an older latest.json names) and 4 stay."""
+    import dotrain
+    from common import Bucket
+
+    bucket = Bucket(SimpleNamespace(bucket_name=f"file://{tmp_path / 'bucket'}"))
+    prefix = "checkpoints/run"
+    for key in ("checkpoint-1/adapter_model.safetensors", "checkpoint-2/adapter_model.safetensors",
+                "checkpoint-4/rng_state_2.pth"):
+        bucket.put(f"{prefix}/{key}", b"x")
+    local = tmp_path / "trainer" / "checkpoint-3"
+    local.mkdir(parents=True)
+    (local / "adapter_model.safetensors").write_bytes(b"y")
+    work = SimpleNamespace(uploads=str(tmp_path / "uploads"), trainer=str(tmp_path / "trainer"))
+    Path(work.uploads).mkdir()
+    uploads = dotrain.Uploads(bucket, prefix, "done/run", work, {"checkpoint": "checkpoint-2"})
+    uploads.submit(str(local), {"checkpoint": "checkpoint-3", "step": 3, "total_steps": 9},
+                   others=["rng_state_2.pth"])
+    uploads.finish()
+    objects = bucket_objects({"BUCKET_NAME": f"file://{bucket.root}"})
+    assert {key.split("/")[2] for key in objects if key.startswith(prefix + "/checkpoint-")} == \
+        {"checkpoint-2", "checkpoint-3", "checkpoint-4"}
+    assert f"{prefix}/checkpoint-4/rng_state_2.pth" in objects
+    assert json.loads(bucket.get(f"{prefix}/latest.json"))["checkpoint"] == "checkpoint-3"
+
+
 def test_unpacked_capped_run_on_a_local_bucket(local_bucket, inputs, tmp_path):
     import torch
 

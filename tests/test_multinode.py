@@ -116,7 +116,7 @@ def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_wr
             assert output.count(f"prepared {shard['path']}") == 1, output[-3000:]
     assert set(metrics["work_dir_peak_bytes"]) == {"node 0", "node 1"}
     # every process's RNG state reached the bucket, node 1's from node 1
-    checkpoint = [key for key in objects if key.endswith("/_checkpoint.json")][-1].rsplit("/", 1)[0]
+    checkpoint = POINTER.rsplit("/", 1)[0] + "/" + json.loads(objects[POINTER])["checkpoint"]
     assert {f"rng_state_{rank}.pth" for rank in range(world)} <= {
         key.rsplit("/", 1)[1] for key in objects if key.startswith(checkpoint + "/")}
     assert len(metrics["evaluations"]) >= 2
