@@ -163,13 +163,28 @@ def measure_child(log_path, command):
     summing the RSS of the child and its descendants (import-dataset.py's NUM_PROC workers),
     which the high-water mark would miss; the figure compared is the larger of the two. The
     CPU time is the child's (exact) and its descendants' as last sampled: the workers are
-    children of multiprocessing's fork server, which the child never waits for."""
+    children of multiprocessing's fork server, which the child never waits for. The child's
+    output goes to the log; the line saying the raw copy is complete splits the run in two
+    phases: the wall and CPU seconds up to it (raw_copy_s, raw_copy_cpu_s) and the rest."""
+    import threading
+
     import psutil
 
     start = time.monotonic()
     with open(log_path, "w") as log:
-        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         tree = psutil.Process(child.pid)
+        phases = {}
+
+        def copy_output():
+            for line in child.stdout:
+                log.write(line.decode(errors="replace"))
+                if b"/raw/" in line and b" complete: " in line:
+                    phases.update(raw_copy_s=time.monotonic() - start,
+                                  raw_copy_cpu_s=sum(tree.cpu_times()[:2]))
+
+        copier = threading.Thread(target=copy_output)
+        copier.start()
         sampled_peak, processes_max, descendants_cpu = 0, 1, {}
         while child.poll() is None:
             total, count = 0, 0
@@ -183,6 +198,7 @@ def measure_child(log_path, command):
                 pass
             sampled_peak, processes_max = max(sampled_peak, total), max(processes_max, count)
             time.sleep(0.05)
+        copier.join()
     wall = time.monotonic() - start
     if child.returncode != 0:
         sys.exit(f"{command[1]} exited with {child.returncode}; see {log_path}")
@@ -191,7 +207,8 @@ def measure_child(log_path, command):
     print(json.dumps({"peak_rss_mb": peak_rss_mb, "sampled_tree_peak_mb": sampled_peak / 1e6,
                       "peak_mb": max(peak_rss_mb, sampled_peak / 1e6), "processes_max": processes_max,
                       "wall_s": wall,
-                      "cpu_s": usage.ru_utime + usage.ru_stime + sum(descendants_cpu.values())}))
+                      "cpu_s": usage.ru_utime + usage.ru_stime + sum(descendants_cpu.values()),
+                      **phases}))
 
 
 # ---------------------------------------------------------------- the original method
