@@ -454,8 +454,9 @@ def open_bucket(settings):
 def in_order(function, tasks, workers, preload=()):
     """function(task) of each task, in the order of the tasks, computed by worker processes.
 
-    The tasks are taken from their iterator as workers free up, at most `workers` in flight,
-    so memory does not grow with their number; the results come in order whatever the number
+    The tasks are taken from their iterator as workers free up, at most two a worker in flight
+    (each worker has the next task queued while this process reads and writes), so memory does
+    not grow with their number; the results come in order whatever the number
     of workers: the output is the same bytes. This process does the I/O (it reads the tasks'
     data and writes the results), the workers compute. They are not forked from this process,
     which already runs s3fs's threads (a fork would copy them in whatever state they are), but
@@ -475,7 +476,7 @@ def in_order(function, tasks, workers, preload=()):
     try:
         in_flight = deque()
         for task in tasks:
-            if len(in_flight) == workers:
+            if len(in_flight) == 2 * workers:
                 yield in_flight.popleft().result()
             in_flight.append(pool.submit(function, task))
         while in_flight:
