@@ -178,9 +178,9 @@ def copy_file(bucket, key, source, name, scratch):
     local = source.fetch(name, scratch)
     try:
         with ThreadPoolExecutor(1) as hashing:
-            sha256 = hashing.submit(sha256_file, local)
+            hashed = hashing.submit(sha256_file, local)
             bucket.upload(local, key)
-            size, sha256 = os.path.getsize(local), sha256.result()
+            size, sha256 = os.path.getsize(local), hashed.result()
     finally:
         source.release(local)
     stored = bucket.fs.size(bucket.path(key))

@@ -19,9 +19,10 @@ Hub. Rows longer than MAX_SEQ_LENGTH tokens are truncated and counted; rows left
 trained token are dropped and listed. EVAL_ROWS rows (at most a tenth of the dataset), spread
 evenly over the whole dataset by their position among the standardized rows, are held out.
 Row groups are rendered and tokenized by NUM_PROC worker processes (this one reads and writes)
-and written in order. On several SkyPilot nodes, node SKYPILOT_NODE_RANK takes every SKYPILOT_NUM_NODES-th part of all the shards' parts; each part
-is committed on its own, so a rerun continues where it stopped and a finished run writes
-nothing. The output is the same bytes whatever NUM_PROC and the number of nodes.
+and written in order. On several SkyPilot nodes, node SKYPILOT_NODE_RANK takes every
+SKYPILOT_NUM_NODES-th part of all the shards' parts; each part is committed on its own, so a
+rerun continues where it stopped and a finished run writes nothing. The output is the same
+bytes whatever NUM_PROC and the number of nodes.
 """
 
 import contextlib
