@@ -464,8 +464,11 @@ def test_processes_and_nodes_share_the_parts_of_one_shard_and_make_the_same_byte
     while running(workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not running(workers), "a process of the killed run outlived it"
+    # The next parts may have been committed between the line and the kill: resume from those on record.
+    committed = len(list((bucket / PREFIX / "_parts").rglob("*.json")))
+    assert committed >= 1
     result = run_step("pretokenize.py", {**env, "NUM_PROC": "2"})
-    assert "2 of 3 parts to tokenize" in result.stdout
+    assert f"{3 - committed} of 3 parts to tokenize" in result.stdout
     assert output() == reference
 
     shutil.rmtree(bucket / "model-ready")
