@@ -19,7 +19,8 @@
 #    once a checkpoint is named in latest.json, run it again (it resumes), and check the done
 #    manifest: complete, the merge check passed, the fused model generated;
 # 5. the same with TRAIN_BACKEND=peft into s3://proof/peft;
-# 6. bench/gpu_train.py: tokens/s and peak GPU memory, unsloth vs peft, packed vs padded;
+# 6. bench/gpu_train.py: tokens/s and peak GPU memory, unsloth vs peft, packed vs padded,
+#    and a profile of two steps of each;
 # 7. the peft backend in fp16 with loss scaling (T4, V100), forced on this GPU;
 # 8. QLoRA (LOAD_IN_4BIT=1) with each backend, on the data of 4 and 5 (RUN_NAME=qlora).
 #
@@ -352,7 +353,7 @@ PY
 }
 
 gpu_train() {
-  "$PYTHON" bench/gpu_train.py ${GPU_TRAIN_ARGS:---steps 5 --warmup 2 --rows 600 --timeout 75} \
+  "$PYTHON" bench/gpu_train.py ${GPU_TRAIN_ARGS:---steps 5 --warmup 2 --rows 600 --timeout 75 --profile} \
     --output "$OUT/gpu_train.json"
 }
 

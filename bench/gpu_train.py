@@ -1,7 +1,7 @@
 """Benchmark: training tokens/s and peak GPU memory of dotrain.py's trainer, unsloth vs peft,
 packed vs padded, on the true Qwen2.5-0.5B shape with random weights.
 
-    .venv/bin/python bench/gpu_train.py [--steps N] [--warmup N] [--rows N]
+    .venv/bin/python bench/gpu_train.py [--steps N] [--warmup N] [--rows N] [--profile]
 
 Builds a Qwen2 model from FIXTURES_DIR/tokenizers/qwen2.5-0.5b/config.json (hidden 896, 24
 layers, vocabulary 151936) with random bf16 weights, saved with the real tokenizer as a
@@ -11,6 +11,9 @@ Each configuration runs in its own process (unsloth patches transformers when im
 dotrain.py's own load_for_training and make_trainer with the step's defaults (LoRA r 16 on the
 seven projections, batch 2, accumulation 4, MAX_SEQ_LENGTH 4096, adamw_8bit when bitsandbytes
 is there). Tokens/s counts real (non-padding) tokens over the steps after the warmup.
+With --profile, torch.profiler records two more steps after the measured ones (so the figures
+stay unprofiled): the GPU's busy share of their time and the operators that take the most GPU
+and CPU time, to tell a step bound by the GPU's work from one that waits on the host.
 Results go to bench/results/gpu_train.json. Needs a CUDA GPU; without one it says so and stops.
 """
 
@@ -36,6 +39,7 @@ DENSE_BF16_PEAK = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 3
                    "L4": 121e12}
 FINETOME_TOKENS = 84_800_000
 MAX_SEQ_LENGTH = 4096
+PROFILED_STEPS = 2
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo",
             "bitsandbytes", "datasets")
 
@@ -46,6 +50,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before measuring (default 3)")
     parser.add_argument("--rows", type=int, default=1500, help="synthetic rows (default 1500; "
                         "enough for the steps when padded)")
+    parser.add_argument("--profile", action="store_true", help="profile two steps after the measured ones")
     parser.add_argument("--timeout", type=int, default=100, help="seconds per configuration (default 100)")
     parser.add_argument("--output", default=str(RESULTS), help="where the results go")
     parser.add_argument("--configs", default=",".join(f"{b}_{'packed' if p else 'padded'}" for b, p in CONFIGS),
@@ -54,7 +59,8 @@ def main():
     args = parser.parse_args()
     if args.one:
         backend, packing, work = args.one
-        print(json.dumps(measure(backend, packing == "1", Path(work), args.steps, args.warmup)))
+        print(json.dumps(measure(backend, packing == "1", Path(work), args.steps, args.warmup,
+                                 args.profile)))
         return
     import torch
 
@@ -97,7 +103,8 @@ def main():
                                     "Qwen2.5 tokenizer on FineTome-like rows) / tokens/s"},
         "data": rows, "settings": {"lora_r": 16, "batch_size": 2, "grad_accum": 4,
                                    "max_seq_length": MAX_SEQ_LENGTH, "steps": args.steps,
-                                   "warmup_steps_excluded": args.warmup},
+                                   "warmup_steps_excluded": args.warmup,
+                                   "profiled_steps": PROFILED_STEPS if args.profile else 0},
         "runs": runs, "seconds": round(time.time() - started, 1),
     }
     output = Path(args.output)
@@ -173,7 +180,7 @@ def make_rows(path, count):
 
 def run_one(backend, packing, work, args):
     command = [sys.executable, __file__, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--one", backend, "1" if packing else "0", str(work)]
+               *(["--profile"] if args.profile else []), "--one", backend, "1" if packing else "0", str(work)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
                               env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
@@ -184,8 +191,9 @@ def run_one(backend, packing, work, args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def measure(backend_name, packing, work, steps, warmup):
-    """One configuration, in this process: tokens/s over `steps` steps after `warmup`."""
+def measure(backend_name, packing, work, steps, warmup, profile=False):
+    """One configuration, in this process: tokens/s over `steps` steps after `warmup`, then
+    with `profile` a profile of PROFILED_STEPS more."""
     sys.path.insert(0, str(ROOT))
     import dotrain  # noqa: E402 - after sys.path
 
@@ -206,27 +214,57 @@ def measure(backend_name, packing, work, steps, warmup):
                                             cache_dir=str(work / f"cache-{backend_name}-{packing}"))
     dataset = dotrain.prepare(dataset, packing, MAX_SEQ_LENGTH)  # as dotrain.py prepares a shard
     clock = {}
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                  torch.profiler.ProfilerActivity.CUDA])
+    profiled = (warmup + steps, warmup + steps + PROFILED_STEPS) if profile else ()
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step in (warmup, warmup + steps):
+            if state.global_step in (warmup, warmup + steps, *profiled):
                 torch.cuda.synchronize()
                 clock[state.global_step] = (time.perf_counter(), state.num_input_tokens_seen)
+            if state.global_step in profiled:
+                (profiler.start if state.global_step == profiled[0] else profiler.stop)()
 
     out = SimpleNamespace(trainer=str(work / f"trainer-{backend_name}-{packing}"))
     trainer = dotrain.make_trainer(settings, backend, model, tokenizer, dataset, out,
-                                   max_steps=warmup + steps, callbacks=[Clock()])
+                                   max_steps=warmup + steps + PROFILED_STEPS * profile, callbacks=[Clock()])
     trainer.shard, trainer.seconds = 0, time.perf_counter
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
     (start, tokens_before), (end, tokens_after) = clock[warmup], clock[warmup + steps]
-    return {"backend": backend.name, "packing": packing, "optim": backend.optim,
-            "precision": backend.dtype,
-            "tokens_per_second": round((tokens_after - tokens_before) / (end - start)),
-            "seconds_per_step": round((end - start) / steps, 3),
-            "tokens_per_step": round((tokens_after - tokens_before) / steps),
-            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+    result = {"backend": backend.name, "packing": packing, "optim": backend.optim,
+              "precision": backend.dtype,
+              "tokens_per_second": round((tokens_after - tokens_before) / (end - start)),
+              "seconds_per_step": round((end - start) / steps, 3),
+              "tokens_per_step": round((tokens_after - tokens_before) / steps),
+              "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+    if profile:
+        result["profile"] = summary(profiler, clock[profiled[1]][0] - clock[profiled[0]][0])
+    return result
+
+
+def summary(profiler, seconds, top=12):
+    """A profile in a few figures: the profiled steps' seconds each, the share of them the GPU
+    was busy (its kernels' time over the wall time), the kernels with the most GPU time and the
+    operators with the most self time on the CPU (milliseconds a step)."""
+    from torch.autograd import DeviceType
+
+    events = profiler.key_averages()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    operators = [e for e in events if e.device_type == DeviceType.CPU]
+
+    def ops(chosen, time_of):
+        return [{"op": e.key[:120], "calls_per_step": e.count // PROFILED_STEPS,
+                 "ms_per_step": round(time_of(e) / 1e3 / PROFILED_STEPS, 2)}
+                for e in sorted(chosen, key=time_of, reverse=True)[:top]]
+
+    gpu_seconds = sum(e.self_device_time_total for e in kernels) / 1e6
+    return {"seconds_per_step": round(seconds / PROFILED_STEPS, 3),
+            "gpu_busy_fraction": round(gpu_seconds / seconds, 3),
+            "top_gpu_kernels": ops(kernels, lambda e: e.self_device_time_total),
+            "top_cpu_operators": ops(operators, lambda e: e.self_cpu_time_total)}
 
 
 if __name__ == "__main__":
