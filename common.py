@@ -456,13 +456,13 @@ def in_order(function, tasks, workers, preload=()):
 
     The tasks are taken from their iterator as workers free up, at most two a worker in flight
     (each worker has the next task queued while this process reads and writes), so memory does
-    not grow with their number; the results come in order whatever the number
-    of workers: the output is the same bytes. This process does the I/O (it reads the tasks'
-    data and writes the results), the workers compute. They are not forked from this process,
-    which already runs s3fs's threads (a fork would copy them in whatever state they are), but
-    from multiprocessing's fork server, a fresh process that imports the `preload` modules
-    once: each worker starts at once and shares them. Each worker exits when this process is
-    gone, so that a killed run leaves none behind. With one worker, everything runs here."""
+    not grow with their number; the results come in order whatever the number of workers: the
+    output is the same bytes. This process does the I/O (it reads the tasks' data and writes the
+    results), the workers compute. They are not forked from this process, which already runs
+    s3fs's threads (a fork would copy them in whatever state they are), but from
+    multiprocessing's fork server, a fresh process that imports the `preload` modules once: each
+    worker starts at once and shares them. Each worker exits when this process is gone, so that
+    a killed run leaves none behind. With one worker, everything runs here."""
     if workers <= 1:
         yield from map(function, tasks)
         return
