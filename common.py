@@ -472,7 +472,7 @@ def in_order(function, tasks, workers, preload=()):
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["__main__", *preload])  # (read when the server starts)
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with_parent)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=exit_with_parent)
     try:
         in_flight = deque()
         for task in tasks:
@@ -485,9 +485,9 @@ def in_order(function, tasks, workers, preload=()):
         pool.shutdown(wait=False, cancel_futures=True)  # the workers end while this one goes on
 
 
-def _exit_with_parent():
+def exit_with_parent():
     """In a worker process: exit as soon as the process that started it is gone (a SIGKILL
-    gives it no chance to stop its workers)."""
+    gives it no chance to stop its workers), never left writing into what a rerun clears."""
     import multiprocessing
     import threading
 
@@ -784,6 +784,10 @@ def sha256_file(path, chunk=8 * 2**20):
     return digest.hexdigest()
 
 
+# ---------------------------------------------------------------- chat templates and labels
+
+
+NOT_TRAINED = -100  # the label of a token that training does not learn
 # The template CHAT_TEMPLATE=chatml asks for, and the one the project's tiny tokenizer uses.
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -791,6 +795,44 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+def load_chat_tokenizer(model_dir, chat_template):
+    """The model's tokenizer with the chat template conversations are rendered with: the
+    model's own (CHAT_TEMPLATE=model) or ChatML (chatml). One line where that cannot work."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if not tokenizer.is_fast:
+        raise UserError(f"the tokenizer in {model_dir} has no fast (Rust) version, which "
+                        "pretokenize.py needs to map answers to tokens: use a model that ships "
+                        "tokenizer.json")
+    if chat_template == "chatml":
+        # Else `<|im_end|>` would be trained as a few ordinary tokens, and generation, which
+        # stops at one token, would not stop.
+        split = [token for token in ("<|im_start|>", "<|im_end|>")
+                 if len(tokenizer.backend_tokenizer.encode(token, add_special_tokens=False)) != 1]
+        if split:
+            fix = ("use the model's own chat template (CHAT_TEMPLATE=model)" if tokenizer.chat_template
+                   else "use a model that has a chat template or these tokens")
+            raise UserError(f"CHAT_TEMPLATE=chatml needs {' and '.join(split)} to be one token "
+                            f"each, and the tokenizer in {model_dir} splits them into ordinary "
+                            f"tokens: {fix}")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif not tokenizer.chat_template:
+        raise UserError(f"the tokenizer in {model_dir} has no chat template: set "
+                        "CHAT_TEMPLATE=chatml to use ChatML, or use a model that has one")
+    return tokenizer
+
+
+def end_of_turn(tokenizer):
+    """The text the chat template renders after an answer, up to the whitespace before the next
+    turn: trained with each answer so that the model learns to stop, and where generation stops."""
+    mark = "\ue000"  # a private-use character, found again in the rendering
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                          {"role": "assistant", "content": f"Hello{mark}"}],
+                                         tokenize=False)
+    return text[text.rindex(mark) + 1:].rstrip()
 
 
 # ---------------------------------------------------------------- models
@@ -843,7 +885,7 @@ def download_model(bucket, model_name, cache_dir=None, parallel=4):
             for path in pool.map(lambda p: _download_verified(bucket, model_name, p, wanted[p],
                                                               local), todo):
                 verified[path] = wanted[path]
-                _write_json_atomically(record_path, verified)
+                write_json_atomically(record_path, verified)
     return local
 
 
@@ -867,7 +909,8 @@ def _download_verified(bucket, model_name, path, expected, local):
     return path
 
 
-def _write_json_atomically(path, obj):
+def write_json_atomically(path, obj):
+    """A local JSON file that readers find whole or not at all."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f)

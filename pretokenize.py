@@ -30,9 +30,9 @@ import functools
 import json
 import os
 
-from common import (CHATML_TEMPLATE, MODEL_CACHE_SETTING, Conflict, Setting, UserError,
-                    abort_stale_uploads, download_model, fingerprint,
-                    in_order, log, manifest_fingerprint, model_fingerprint, model_prefix,
+from common import (MODEL_CACHE_SETTING, NOT_TRAINED, Conflict, Setting, UserError,
+                    abort_stale_uploads, download_model, end_of_turn, fingerprint,
+                    in_order, load_chat_tokenizer, log, manifest_fingerprint, model_fingerprint, model_prefix,
                     model_ready_prefix, open_bucket, parquet_writer, parse_settings, read_manifest,
                     read_row_groups, refuse_other_inputs, require_complete, row_group_sizes, run,
                     same_inputs, standardized_prefix, with_rebuild, write_manifest)
@@ -61,7 +61,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "chat_template.jinja", "chat_template.json")
 TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 ANSWER_MARK = "\ue000"  # a private-use character, placed around each answer in a second rendering
-NOT_TRAINED = -100
 # What AutoTokenizer imports (torch with it): imported once, in the workers' fork server.
 TOKENIZER_MODULE = "transformers.models.auto.tokenization_auto"
 COUNTS = ("rows", "tokens", "trained_tokens", "truncated", "dropped", "eval_rows", "eval_tokens",
@@ -317,36 +316,10 @@ def tokenize_row_group(task):
 
 @functools.cache
 def labeller_in_this_process(model_dir, chat_template, max_seq_length):
-    return Labeller(load_tokenizer(model_dir, chat_template), max_seq_length)
+    return Labeller(load_chat_tokenizer(model_dir, chat_template), max_seq_length)
 
 
-# ---------------------------------------------------------------- tokenizer and template
-
-
-def load_tokenizer(model_dir, chat_template):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not tokenizer.is_fast:
-        raise UserError(f"the tokenizer in {model_dir} has no fast (Rust) version, which "
-                        "pretokenize.py needs to map answers to tokens: use a model that ships "
-                        "tokenizer.json")
-    if chat_template == "chatml":
-        # Else `<|im_end|>` would be trained as a few ordinary tokens, and generation, which
-        # stops at one token, would not stop.
-        split = [token for token in ("<|im_start|>", "<|im_end|>")
-                 if len(tokenizer.backend_tokenizer.encode(token, add_special_tokens=False)) != 1]
-        if split:
-            fix = ("use the model's own chat template (CHAT_TEMPLATE=model)" if tokenizer.chat_template
-                   else "use a model that has a chat template or these tokens")
-            raise UserError(f"CHAT_TEMPLATE=chatml needs {' and '.join(split)} to be one token "
-                            f"each, and the tokenizer in {model_dir} splits them into ordinary "
-                            f"tokens: {fix}")
-        tokenizer.chat_template = CHATML_TEMPLATE
-    elif not tokenizer.chat_template:
-        raise UserError(f"the tokenizer in {model_dir} has no chat template: set "
-                        "CHAT_TEMPLATE=chatml to use ChatML, or use a model that has one")
-    return tokenizer
+# ---------------------------------------------------------------- labels
 
 
 class Rows:
@@ -391,9 +364,8 @@ class Labeller:
     are located in what the template actually renders. Each batch is rendered twice: as is,
     and with every answer between two ANSWER_MARKs. When removing the marks from the second
     rendering gives exactly the first and the text between them is exactly the answers, the
-    marks give each answer's characters. The end-of-turn text (the template's text after an
-    answer, up to the whitespace before the next turn) is found once by rendering a probe
-    exchange, and must follow each answer. Any other row (a template that transforms content,
+    marks give each answer's characters. The end-of-turn text (common.end_of_turn) must follow
+    each answer. Any other row (a template that transforms content,
     an answer containing the mark, an answer with tool calls) is located by rendering the
     conversation's prefixes up to each answer, which holds for any template that renders a
     conversation's beginning the same way whatever follows; an answer with tool calls is then
@@ -404,14 +376,11 @@ class Labeller:
     def __init__(self, tokenizer, max_length):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.backend = tokenizer.backend_tokenizer
-        probe = [[{"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": f"{ANSWER_MARK}Hello{ANSWER_MARK}"}]]
         try:
-            text = self.render(probe)[0]
+            self.end_of_turn = end_of_turn(tokenizer)
         except Exception as e:  # noqa: BLE001 - jinja raises many kinds
             raise UserError(f"the chat template cannot render a user/assistant exchange ({e}): "
                             "set CHAT_TEMPLATE=chatml or use another model") from None
-        self.end_of_turn = text[text.rindex(ANSWER_MARK) + 1:].rstrip()
 
     def render(self, conversations, add_generation_prompt=False, tools=None):
         return self.tokenizer.apply_chat_template(conversations, tokenize=False, tools=tools,

@@ -5,9 +5,9 @@ its logits check, for a model of 4 weights files and one of 8, each file F MB.
 
 Writes a Qwen2-architecture model with random bf16 weights, whole layers per file, as 4 (then
 8) safetensors files of about F MB with the Hub's index file, and a rank-16 LoRA adapter on its
-seven projections with random, non-zero A and B, as training saves it. Then dotrain.fuse runs in
-a fresh child process, and dotrain.check_logits in another (3 rows of 32 random tokens: bf16
-matrix products are slow on this CPU, and the activations of 128 would add little), each
+seven projections with random, non-zero A and B, as training saves it. Then training.merge.fuse
+runs in a fresh child process, and training.export.check_logits in another (3 rows of 32 random
+tokens: bf16 matrix products are slow on this CPU, and the activations of 128 would add little), each
 measuring its own peak RSS: getrusage(RUSAGE_SELF).ru_maxrss, the kernel's high-water mark,
 which includes the ~0.5 GB of importing torch, transformers and peft. On this CPU-only machine
 the logits check loads the model in its dtype (bf16): it holds about one model. Targets for the
@@ -151,20 +151,20 @@ def run_child(step, work, *args):
     from transformers import AutoTokenizer, GenerationConfig
 
     sys.path.insert(0, str(ROOT))
-    import dotrain
+    from training import export, merge
 
     model, lora, fused = (str(work / name) for name in ("model", "lora", "fused"))
     before = resident_mb()
     began = time.monotonic()
     if step == "merge":
-        figures = dotrain.fuse(model, lora, fused, AutoTokenizer.from_pretrained(model),
+        figures = merge.fuse(model, lora, fused, AutoTokenizer.from_pretrained(model),
                                GenerationConfig.from_pretrained(model))
     else:
         vocab = json.loads((work / "model" / "config.json").read_text())["vocab_size"]
         generator = torch.Generator().manual_seed(1)
         examples = [(torch.randint(0, vocab, (32,), generator=generator).tolist(), list(range(8, 31)))
                     for _ in range(3)]
-        figures, _ = dotrain.check_logits(model, lora, fused, examples)
+        figures, _ = export.check_logits(model, lora, fused, examples)
     print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6,
                       "rss_before_step_mb": before, "wall_s": time.monotonic() - began,
                       "figures": figures}))

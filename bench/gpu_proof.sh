@@ -323,6 +323,8 @@ from types import SimpleNamespace
 sys.path[:0] = [".", "bench"]
 import datasets
 import dotrain, gpu_train
+from training.processes import Ranks
+from training.shards import prepare
 
 model_dir, work = sys.argv[1], Path(sys.argv[2])
 work.mkdir(parents=True)
@@ -330,13 +332,13 @@ settings = SimpleNamespace(seed=3407, lora_r=16, lora_alpha=16, lora_dropout=0.0
                            learning_rate=2e-4, lr_scheduler="linear", batch_size=2, grad_accum=4,
                            warmup_steps=5, weight_decay=0.01, max_seq_length=4096, packing=True,
                            save_steps=10**9, logging_steps=1, report_to="none")
-ranks = dotrain.Ranks()
+ranks = Ranks()
 optim = "adamw_8bit" if importlib.util.find_spec("bitsandbytes") else "adamw_torch"
 backend = dotrain.Backend("peft", "cuda", "float16", optim)
 backend.trainer_class = dotrain.shard_trainer_class(backend, ranks)
 model, tokenizer = dotrain.load_for_training(settings, backend, model_dir, ranks)
 gpu_train.make_rows(work / "rows.parquet", 400)
-rows = dotrain.prepare(datasets.Dataset.from_parquet(str(work / "rows.parquet")), True, 4096)
+rows = prepare(datasets.Dataset.from_parquet(str(work / "rows.parquet")), True, 4096)
 trainer = dotrain.make_trainer(settings, backend, model, tokenizer, rows, SimpleNamespace(trainer=str(work)),
                                max_steps=20)
 trainer.shard, trainer.seconds = 0, time.perf_counter

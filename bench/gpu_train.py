@@ -196,6 +196,8 @@ def measure(backend_name, packing, work, steps, warmup, profile=False):
     with `profile` a profile of PROFILED_STEPS more."""
     sys.path.insert(0, str(ROOT))
     import dotrain  # noqa: E402 - after sys.path
+    from training.processes import Ranks
+    from training.shards import Plan, prepare
 
     settings = SimpleNamespace(
         train_backend=backend_name, train_device="cuda", load_in_4bit=False, seed=3407, lora_r=16,
@@ -203,8 +205,8 @@ def measure(backend_name, packing, work, steps, warmup, profile=False):
         lr_scheduler="linear", batch_size=2, grad_accum=4, warmup_steps=5, weight_decay=0.01,
         max_seq_length=MAX_SEQ_LENGTH, packing=packing, save_steps=10**9, logging_steps=10**9,
         report_to="none")
-    ranks = dotrain.Ranks()
-    backend = dotrain.choose_backend(settings, ranks, {})  # imports unsloth first when asked for
+    ranks = Ranks()
+    backend = dotrain.choose_backend(settings, ranks, Plan({}))  # imports unsloth first when asked for
     import datasets
     import torch
     from transformers import TrainerCallback
@@ -212,7 +214,7 @@ def measure(backend_name, packing, work, steps, warmup, profile=False):
     model, tokenizer = dotrain.load_for_training(settings, backend, str(work / "model"), ranks)
     dataset = datasets.Dataset.from_parquet(str(work / "rows.parquet"),
                                             cache_dir=str(work / f"cache-{backend_name}-{packing}"))
-    dataset = dotrain.prepare(dataset, packing, MAX_SEQ_LENGTH)  # as dotrain.py prepares a shard
+    dataset = prepare(dataset, packing, MAX_SEQ_LENGTH)  # as dotrain.py prepares a shard
     clock = {}
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                   torch.profiler.ProfilerActivity.CUDA])

@@ -262,7 +262,7 @@ def child(method):
             dataset = original_method(bucket, keys)
         tokens = pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
     else:
-        tokenizer = pretokenize.load_tokenizer(common.download_model(bucket, MODEL, os.environ[
+        tokenizer = common.load_chat_tokenizer(common.download_model(bucket, MODEL, os.environ[
             "MODEL_CACHE_DIR"]), "model")
         conversations = [conversation for key in keys
                          for batch in common.read_parquet_batches(bucket, key, 10_000)
@@ -311,10 +311,9 @@ def original_method(bucket, keys):
     import datasets
 
     import common
-    import pretokenize
 
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    tokenizer = pretokenize.load_tokenizer(
+    tokenizer = common.load_chat_tokenizer(
         common.download_model(bucket, MODEL, os.environ["MODEL_CACHE_DIR"]), "model")
     dataset = datasets.load_dataset("parquet", data_files=[bucket.url(key) for key in keys],
                                     split="train", storage_options=bucket.storage_options)

@@ -300,8 +300,8 @@ def test_epochs_cosine_schedule_evaluations_and_tensorboard(local_bucket, inputs
 def test_an_upload_removes_only_checkpoints_older_than_the_previous_one(tmp_path):
     """Rank 0 uploads checkpoint 3 while node 1 already puts its RNG states into checkpoint 4:
     checkpoint 1 goes, the previous one (2, which an older latest.json names) and 4 stay."""
-    import dotrain
     from common import Bucket
+    from training.checkpoints import Uploads
 
     bucket = Bucket(SimpleNamespace(bucket_name=f"file://{tmp_path / 'bucket'}"))
     prefix = "checkpoints/run"
@@ -313,7 +313,7 @@ def test_an_upload_removes_only_checkpoints_older_than_the_previous_one(tmp_path
     (local / "adapter_model.safetensors").write_bytes(b"y")
     work = SimpleNamespace(uploads=str(tmp_path / "uploads"), trainer=str(tmp_path / "trainer"))
     Path(work.uploads).mkdir()
-    uploads = dotrain.Uploads(bucket, prefix, "done/run", work, {"checkpoint": "checkpoint-2"})
+    uploads = Uploads(bucket, prefix, "done/run", work, {"checkpoint": "checkpoint-2"})
     uploads.submit(str(local), {"checkpoint": "checkpoint-3", "step": 3, "total_steps": 9},
                    others=["rng_state_2.pth"])
     uploads.finish()
@@ -357,6 +357,8 @@ def test_packed_loss_equals_unpacked_loss(inputs, tiny_model, tmp_path):
     import datasets
     import dotrain
     import torch
+    from training.processes import Ranks
+    from training.shards import prepare
     from transformers import AutoTokenizer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -371,8 +373,8 @@ def test_packed_loss_equals_unpacked_loss(inputs, tiny_model, tmp_path):
                                lora_targets="all-linear", lr_scheduler="linear", report_to="none")
     backend = dotrain.Backend("peft", "cpu", "float32", "adamw_torch")
     backend.trainer_class = dotrain.shard_trainer_class(backend)
-    model, _ = dotrain.load_for_training(settings, backend, str(tiny_model), dotrain.Ranks())
-    trainer = dotrain.make_trainer(settings, backend, model, tokenizer, dotrain.prepare(dataset, True, 256),
+    model, _ = dotrain.load_for_training(settings, backend, str(tiny_model), Ranks())
+    trainer = dotrain.make_trainer(settings, backend, model, tokenizer, prepare(dataset, True, 256),
                                    SimpleNamespace(trainer=str(tmp_path)), max_steps=1)
     batch = next(iter(trainer.get_train_dataloader()))
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]

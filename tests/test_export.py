@@ -13,8 +13,9 @@ import test_pretokenize
 from conftest import ROOT, fixture_path, run_step, start_step
 
 import common
-import dotrain
 import pretokenize
+from training import export, merge
+from training.shards import Plan
 
 sys.path.insert(0, str(ROOT / "demo"))
 import synthetic  # noqa: E402
@@ -63,13 +64,13 @@ def make_adapter(model_dir, out, b_std=0.05, seed=0, **lora):
 
 
 def fuse(model_dir, lora_dir, fused_dir, tokenizer=None, data=None):
-    """dotrain.fuse as export calls it."""
+    """merge.fuse as the export calls it."""
     from transformers import AutoTokenizer
 
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
     data = data or {"inputs": {}}
-    generation = dotrain.generation_config(model_dir, tokenizer, dotrain.end_of_turn(data, tokenizer))
-    return dotrain.fuse(str(model_dir), str(lora_dir), str(fused_dir), tokenizer, generation)
+    generation = export.generation_config(model_dir, tokenizer, export.end_of_turn(data, tokenizer))
+    return merge.fuse(str(model_dir), str(lora_dir), str(fused_dir), tokenizer, generation)
 
 
 def peft_merged(model):
@@ -178,7 +179,7 @@ def test_several_weights_files_merge_file_by_file_with_the_same_index(tiny_model
 def test_a_model_without_safetensors_weights_is_refused(tiny_model, tmp_path):
     shutil.copytree(tiny_model, tmp_path / "model", ignore=shutil.ignore_patterns("*.safetensors"))
     with pytest.raises(common.UserError, match="has no model.safetensors"):
-        dotrain.weights_files(str(tmp_path / "model"))
+        merge.weights_files(str(tmp_path / "model"))
 
 
 @pytest.mark.parametrize("lora, message", [
@@ -220,17 +221,17 @@ def test_logits_check_passes_a_correct_merge_and_fails_a_wrong_one(tiny_model, t
     make_adapter(tiny_model, tmp_path / "lora", b_std=0.05)
     fuse(tiny_model, tmp_path / "lora", tmp_path / "fused")
     examples = examples_of(tiny_model)
-    check, fused = dotrain.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
+    check, fused = export.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
                                         examples)
     assert check["dtype"] == "bfloat16" and check["device"] == "cpu"
-    assert check["effect_over_base"] > dotrain.EFFECT_FLOOR
-    assert check["distance_over_effect"] < dotrain.LOGITS_TOLERANCE / 4
+    assert check["effect_over_base"] > export.EFFECT_FLOOR
+    assert check["distance_over_effect"] < export.LOGITS_TOLERANCE / 4
 
     # fused/ holds half the adapter's update of what lora_model/ now says: the check fails.
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 32}))
     with pytest.raises(common.UserError, match="the fused model's logits differ from base"):
-        dotrain.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"), examples)
+        export.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"), examples)
 
 
 def test_logits_check_fails_an_adapter_peft_loads_with_missing_keys(tiny_model, tmp_path):
@@ -242,7 +243,7 @@ def test_logits_check_fails_an_adapter_peft_loads_with_missing_keys(tiny_model, 
     # 2 layers x 3 MLP projections x (A, B) renamed
     save_file({key.replace("mlp", "feed_forward"): value for key, value in load_file(path).items()}, path)
     with pytest.raises(common.UserError, match="peft loads the adapter .* with 12 missing keys"):
-        dotrain.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
+        export.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
                              examples_of(tiny_model))
 
 
@@ -252,7 +253,7 @@ def test_logits_check_fails_an_adapter_too_weak_for_16_bit_weights(tiny_model, t
     merge = fuse(tiny_model, tmp_path / "lora", tmp_path / "fused")
     assert merge["changed_fraction"] < 0.5
     with pytest.raises(common.UserError, match="the adapter is too weak for the base's bfloat16 weights"):
-        dotrain.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
+        export.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
                              examples_of(tiny_model))
 
 
@@ -260,7 +261,7 @@ def test_logits_check_fails_an_adapter_of_zeros(tiny_model, tmp_path):
     make_adapter(tiny_model, tmp_path / "lora", b_std=0.0)
     fuse(tiny_model, tmp_path / "lora", tmp_path / "fused")
     with pytest.raises(common.UserError, match="the adapter changes nothing"):
-        dotrain.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
+        export.check_logits(str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused"),
                              examples_of(tiny_model))
 
 
@@ -284,20 +285,20 @@ def test_checked_rows_are_held_out_rows_when_the_manifest_lists_them(tmp_path):
     write_rows(folder / "eval" / "part-1.parquet", [row, row])
     (folder / "shard-00000").mkdir()
     write_rows(folder / "shard-00000" / "part-00000.parquet", [row] * 4)
-    plan = {"shards": [{"path": "shard-00000", "steps": 2}], "total_steps": 2}
+    plan = Plan(inputs={}, shards=[{"path": "shard-00000", "steps": 2}], total_steps=2)
     shards = [{"path": "shard-00000", "parts": [{"path": "shard-00000/part-00000.parquet", "rows": 4}]}]
     data = {"shards": shards,
             "eval": [{"path": "eval/part-0.parquet", "rows": 2}, {"path": "eval/part-1.parquet", "rows": 2}]}
 
-    examples, rows = dotrain.check_examples(bucket, settings, plan, data)
+    examples, rows = export.check_examples(bucket, common.model_ready_prefix("m", "d"), data, plan)
     assert rows == {"held_out": True, "paths": ["eval/part-0.parquet", "eval/part-1.parquet"],
                     "source_rows": [100, 100, 101], "positions": 3 * len(answer)}
     for ids, positions in examples:
-        assert len(ids) <= dotrain.CHECK_TOKENS and ids[-len(answer):] == answer
+        assert len(ids) <= export.CHECK_TOKENS and ids[-len(answer):] == answer
         assert [ids[t + 1] for t in positions] == answer  # each position predicts a trained token
 
     for without in ({"shards": shards}, {"shards": shards, "eval": []}):
-        examples, rows = dotrain.check_examples(bucket, settings, plan, without)
+        examples, rows = export.check_examples(bucket, common.model_ready_prefix("m", "d"), without, plan)
         assert rows == {"held_out": False, "paths": ["shard-00000/part-00000.parquet"],
                         "source_rows": [100, 101, 102], "positions": 3 * len(answer)}
 
@@ -329,8 +330,8 @@ def test_fused_and_lora_model_stop_at_the_templates_end_of_turn(template, from_m
     data = {"inputs": {}, **({"end_of_turn": labelled} if from_manifest else {})}
 
     fuse(base, tmp_path / "checkpoint", tmp_path / "fused", tokenizer, data)
-    generation = dotrain.generation_config(str(base), tokenizer, dotrain.end_of_turn(data, tokenizer))
-    dotrain.save_adapter(str(tmp_path / "checkpoint"), str(tmp_path / "lora_model"), "m", tokenizer, generation)
+    generation = export.generation_config(str(base), tokenizer, export.end_of_turn(data, tokenizer))
+    export.save_adapter(str(tmp_path / "checkpoint"), str(tmp_path / "lora_model"), "m", tokenizer, generation)
     end_of_turn = tokenizer.convert_tokens_to_ids(labelled)
     for folder in ("fused", "lora_model"):
         config = GenerationConfig.from_pretrained(tmp_path / folder)
@@ -343,7 +344,7 @@ def test_an_end_of_turn_of_several_tokens_stops_as_a_stop_string(tiny_model, cap
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    config = dotrain.generation_config(str(tiny_model), tokenizer, "</s>")
+    config = export.generation_config(str(tiny_model), tokenizer, "</s>")
     assert len(tokenizer.encode("</s>", add_special_tokens=False)) > 1
     assert config.stop_strings == ["</s>"]
     assert config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
@@ -385,12 +386,12 @@ def test_trained_run_exports_a_checked_model_that_stops_at_its_end_of_turn(train
     check = done["check"]
     assert check["merge"]["merged_weights"] == 2 * len(QWEN2_LINEAR)
     assert check["merge"]["max_error_in_half_ulps"] <= 1
-    assert check["effect_over_base"] > dotrain.EFFECT_FLOOR
-    assert check["distance_over_effect"] <= dotrain.LOGITS_TOLERANCE
+    assert check["effect_over_base"] > export.EFFECT_FLOOR
+    assert check["distance_over_effect"] <= export.LOGITS_TOLERANCE
     # The first held-out rows: never trained on.
     assert check["rows"]["held_out"] is True
     assert check["rows"]["paths"] == [data["eval"][0]["path"]]
-    assert len(check["rows"]["source_rows"]) == dotrain.CHECK_ROWS
+    assert len(check["rows"]["source_rows"]) == export.CHECK_ROWS
 
     fused_dir = bucket / DONE / "fused"
     tokenizer = AutoTokenizer.from_pretrained(fused_dir)

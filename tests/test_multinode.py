@@ -134,16 +134,17 @@ def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_wr
 
 
 def test_the_ranks_share_a_shard_in_batches_once_and_make_the_planned_steps():
-    import dotrain
+    from training.processes import Ranks, rank_batches
+    from training.shards import optimizer_steps
 
     settings = SimpleNamespace(batch_size=2, grad_accum=3)
     for world in (1, 2, 3):
         for sequences in (1, 2, 5, 6, 7, 13, 40):
-            batches = [dotrain.rank_batches(sequences, settings.batch_size, dotrain.Ranks(rank, 0, world))
+            batches = [rank_batches(sequences, settings.batch_size, Ranks(rank, 0, world))
                        for rank in range(world)]
             served = [index for mine in batches for batch in mine for index in batch if index < sequences]
             assert sorted(served) == list(range(sequences))  # each once
             assert all(len(batch) <= settings.batch_size for mine in batches for batch in mine)
             assert len({len(mine) for mine in batches}) == 1  # the same steps on every rank
-            assert math.ceil(len(batches[0]) / settings.grad_accum) == dotrain.optimizer_steps(
+            assert math.ceil(len(batches[0]) / settings.grad_accum) == optimizer_steps(
                 sequences, settings, world)

@@ -87,10 +87,10 @@ def tokenizer_for(template, tiny_tokenizer):
 
 def trained_runs(ids, labels):
     """The trained tokens, as runs of consecutive positions."""
-    assert all(label in (pretokenize.NOT_TRAINED, token) for token, label in zip(ids, labels))
+    assert all(label in (common.NOT_TRAINED, token) for token, label in zip(ids, labels))
     runs, run = [], []
     for token, label in zip(ids, labels):
-        if label != pretokenize.NOT_TRAINED:
+        if label != common.NOT_TRAINED:
             run.append(int(token))
         elif run:
             runs, run = runs + [run], []
@@ -153,8 +153,8 @@ def test_a_template_is_required_unless_chatml_is_asked(tiny_tokenizer, tmp_path)
     tokenizer.save_pretrained(tmp_path)
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(common.UserError, match="no chat template: set CHAT_TEMPLATE=chatml"):
-        pretokenize.load_tokenizer(str(tmp_path), "model")
-    chatml = pretokenize.load_tokenizer(str(tmp_path), "chatml")
+        common.load_chat_tokenizer(str(tmp_path), "model")
+    chatml = common.load_chat_tokenizer(str(tmp_path), "chatml")
     conversation = standardized(synthetic.conversations(1))[0]
     rows = pretokenize.Labeller(chatml, 10_000)([conversation], [0])
     check_row(chatml, conversation, rows.ids[0], rows.labels[0], "<|im_end|>", False)
@@ -165,10 +165,10 @@ def test_chatml_is_refused_on_a_vocabulary_without_its_tokens(tmp_path):
     with pytest.raises(common.UserError, match=r"CHAT_TEMPLATE=chatml needs <\|im_start\|> and "
                        r"<\|im_end\|> to be one token each.*use the model's own chat template "
                        r"\(CHAT_TEMPLATE=model\)"):
-        pretokenize.load_tokenizer(str(without_chatml_tokens(tmp_path / "own", own)), "chatml")
+        common.load_chat_tokenizer(str(without_chatml_tokens(tmp_path / "own", own)), "chatml")
     with pytest.raises(common.UserError, match="splits them into ordinary tokens: use a model that has"):
-        pretokenize.load_tokenizer(str(without_chatml_tokens(tmp_path / "none")), "chatml")
-    labeller = pretokenize.Labeller(pretokenize.load_tokenizer(str(tmp_path / "own"), "model"), 100)
+        common.load_chat_tokenizer(str(without_chatml_tokens(tmp_path / "none")), "chatml")
+    labeller = pretokenize.Labeller(common.load_chat_tokenizer(str(tmp_path / "own"), "model"), 100)
     assert labeller.end_of_turn == "</s>"
 
 
@@ -347,7 +347,7 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     assert sorted(rows) == sorted(set(conversations) - {3} - held)
     assert all(row["length"] == len(row["input_ids"]) for row in {**rows, **evaluation}.values())
 
-    tokenizer = pretokenize.load_tokenizer(fixture_path("tokenizers", "qwen2.5-0.5b"), "model")
+    tokenizer = common.load_chat_tokenizer(fixture_path("tokenizers", "qwen2.5-0.5b"), "model")
     truncated = 0
     for source_row, row in {**rows, **evaluation}.items():
         assert row["length"] == len(row["input_ids"]) == len(row["labels"])

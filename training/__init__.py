@@ -1,0 +1,15 @@
+"""dotrain.py's machinery, one concern a module, so that dotrain.py reads as the training story.
+
+    processes.py    the training processes: ranks, what rank 0 tells the others, each rank's
+                    batches of a shard and the check that they shared it exactly, the scratch disk
+    shards.py       the plan (optimizer steps from the rows' lengths) and each shard prepared for
+                    training, one ahead, in a process of its own
+    checkpoints.py  the checkpoint protocol in the bucket: uploads, the pointer, whole checkpoints,
+                    resuming
+    export.py       lora_model/ and fused/ from the last checkpoint, checked, then the done manifest
+    merge.py        the adapter merged into the base one weights file at a time, every weight checked
+    report.py       what a run reports: metrics.json, loss.png, its summary lines, REPORT_TO
+
+None of them imports a step; heavy libraries (torch, transformers, trl, peft) are imported inside
+the functions that use them, so that dotrain.py decides when (unsloth must come first).
+"""
