@@ -72,7 +72,9 @@ def kill_nodes_when(env, tmp_path, condition, nodes=2):
                 for pid in [*descendants(proc.pid), proc.pid]:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-            return pointer, [proc.communicate()[0] for proc in procs]
+            outputs = [proc.communicate()[0] for proc in procs]
+            # (the run may have named a later checkpoint before the kill landed)
+            return json.loads(client.get_object(Bucket=TEST_BUCKET, Key=POINTER)["Body"].read()), outputs
         time.sleep(0.2)
     raise AssertionError("the nodes finished (or hung) before the condition: "
                          + "".join((proc.communicate()[0] or "")[-3000:] for proc in procs))
@@ -90,7 +92,7 @@ def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_wr
                                          and pointer["steps_into_shard"] > 0)
     assert "node 1 of 2" in outputs[1]  # pretokenize gave node 1 its share
     outputs = start_nodes(env, tmp_path)
-    assert f"resuming at step {killed_at['step']}: shard 1" in outputs[0]
+    assert f"resuming at step {killed_at['step']}: shard {killed_at['shard']}" in outputs[0]
 
     objects = bucket_objects(s3)
     done = json.loads(objects[f"{DONE}/_manifest.json"])
@@ -101,7 +103,7 @@ def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_wr
         # dotrain checked that the ranks' sequences were disjoint and covered the shard (what
         # the resumed run had left of it); here: every rank trained, on all of it, in the
         # planned number of steps
-        resumed = killed_at["steps_into_shard"] * 2 * 1 * world if index == 1 else 0
+        resumed = killed_at["steps_into_shard"] * 2 * 1 * world if index == killed_at["shard"] else 0
         assert shard["sequences_before_resume"] == resumed
         assert sum(shard["sequences_by_rank"]) + resumed == shard["sequences"]
         assert len(shard["sequences_by_rank"]) == world
