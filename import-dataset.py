@@ -25,6 +25,7 @@ from common import (Setting, UserError, abort_stale_uploads, fingerprint, hub_er
                     read_manifest, read_row_groups, resume_or_start, row_group_sizes, run,
                     sha256_file, shard_name, standardized_prefix, with_rebuild, write_manifest)
 
+FORMATS = ("auto", "sharegpt", "openai", "alpaca", "prompt_completion")
 SETTINGS = [
     Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
             required=True),
@@ -35,8 +36,8 @@ SETTINGS = [
     Setting("DATASET_REVISION", help="Hub branch, tag or commit (pinned to the commit it resolves to)"),
     Setting("HF_TOKEN", help="Hugging Face token, for gated or private datasets", secret=True),
     Setting("SHARD_SIZE", 5_000_000, "rows per shard", int, minimum=1),
-    Setting("FORMAT", "auto", "source format", choices=("auto", "sharegpt", "openai", "alpaca",
-                                                           "prompt_completion")),
+    Setting("FORMAT", "auto", f"source format: {', '.join(FORMATS)} (auto: told from the "
+            "columns)", choices=FORMATS),
     Setting("MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of rows is dropped",
             float, minimum=0),
     Setting("NUM_PROC", os.cpu_count(), "CPU cores to standardize with", int, minimum=1),
@@ -248,8 +249,7 @@ def detect_format(columns):
     if "prompt" in columns and "completion" in columns:
         return "prompt_completion"
     raise UserError(f"cannot tell the chat format from the columns {sorted(columns)}: set FORMAT "
-                    "(sharegpt, openai, alpaca, prompt_completion) or extend to_conversation() "
-                    "in import-dataset.py")
+                    f"({', '.join(FORMATS[1:])}) or extend to_conversation() in import-dataset.py")
 
 
 def to_conversation(row, fmt):

@@ -542,3 +542,13 @@ def test_help_lists_every_setting_with_its_variable_and_default():
     assert "--shard-size" in result.stdout and "5000000" in result.stdout
     assert "BUCKET_NAME" in result.stdout and "AWS_SECRET_ACCESS_KEY" in result.stdout
 
+
+def test_help_and_the_readme_list_every_format():
+    (setting,) = [s for s in import_dataset.SETTINGS if s.env == "FORMAT"]
+    (line,) = [line for line in run_step("import-dataset.py", {}, "--help").stdout.splitlines()
+               if line.strip().startswith("FORMAT ")]
+    (row,) = [row for row in (ROOT / "README.md").read_text().splitlines()
+              if row.startswith("| `FORMAT` |")]
+    for value in setting.choices:
+        assert value in line.split("default:")[1].split(None, 1)[1], (value, line)
+        assert value in row.split("|")[5], (value, row)
