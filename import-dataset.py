@@ -23,8 +23,9 @@ os.environ.setdefault("USE_TORCH", "0")  # datasets would import torch (250 MB) 
 from common import (Setting, UserError, abort_stale_uploads, fingerprint, hub_errors, in_order, log,
                     manifest_fingerprint, open_bucket, parquet_writer, parse_settings, raw_prefix,
                     read_manifest, read_row_groups, resume_or_start, row_group_sizes, run,
-                    shard_name, standardized_prefix, with_rebuild, write_manifest)
+                    sha256_file, shard_name, standardized_prefix, with_rebuild, write_manifest)
 
+FORMATS = ("auto", "sharegpt", "openai", "alpaca", "prompt_completion")
 SETTINGS = [
     Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
             required=True),
@@ -35,8 +36,8 @@ SETTINGS = [
     Setting("DATASET_REVISION", help="Hub branch, tag or commit (pinned to the commit it resolves to)"),
     Setting("HF_TOKEN", help="Hugging Face token, for gated or private datasets", secret=True),
     Setting("SHARD_SIZE", 5_000_000, "rows per shard", int, minimum=1),
-    Setting("FORMAT", "auto", "source format", choices=("auto", "sharegpt", "openai", "alpaca",
-                                                           "prompt_completion")),
+    Setting("FORMAT", "auto", f"source format: {', '.join(FORMATS)} (auto: told from the "
+            "columns)", choices=FORMATS),
     Setting("MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of rows is dropped",
             float, minimum=0),
     Setting("NUM_PROC", os.cpu_count(), "CPU cores to standardize with", int, minimum=1),
@@ -64,7 +65,8 @@ def main():
 
 
 class Source:
-    """What to stream: files (fingerprinted by name and size) or a Hub split pinned to a commit.
+    """What to stream: files, each known by its content (an s3:// object by its ETag, a local
+    file by its sha256), or a Hub split pinned to a commit.
 
     A Hub source reuses the commit recorded by an earlier import of the same split, so a
     resumed or finished import needs neither the Hub nor the dataset to still be there."""
@@ -74,13 +76,13 @@ class Source:
         self.name = settings.dataset_source or settings.dataset_name
         if self.name.startswith("s3://"):
             pattern = self.name[len("s3://"):].rstrip("/")
-            found = bucket.fs.glob(pattern if _has_ext(pattern) else pattern + "/**")
-            self.files = ["s3://" + f for f in found if _has_ext(f)]
-            sizes = [bucket.fs.size(f[len("s3://"):]) for f in self.files]
+            found = bucket.fs.glob(pattern if _has_ext(pattern) else pattern + "/**", detail=True)
+            files = [{"path": "s3://" + f, "size": info["size"], "etag": info["ETag"].strip('"')}
+                     for f, info in sorted(found.items()) if info["type"] == "file" and _has_ext(f)]
         elif os.path.exists(self.name) or any(c in self.name for c in "*?[") \
                 or _looks_like_path(self.name):
-            self.files = sorted(_local_files(self.name))
-            sizes = [os.path.getsize(f) for f in self.files]
+            files = [{"path": f, "size": os.path.getsize(f), "sha256": sha256_file(f)}
+                     for f in sorted(_local_files(self.name))]
         else:
             self.files = None
             self.inputs = {"source": self.name, "config": settings.dataset_config,
@@ -93,13 +95,14 @@ class Source:
                 revision = resolve_hub_revision(self.name, revision)
             self.inputs["revision"] = revision
             return
+        self.files = [f["path"] for f in files]
         if not self.files:
             raise UserError(f"no json, jsonl, parquet or csv files at {self.name}: fix DATASET_SOURCE")
         self.kinds = {FILE_TYPES[_has_ext(f)] for f in self.files}
         if len(self.kinds) > 1:
             raise UserError(f"{self.name} mixes file types ({', '.join(sorted(self.kinds))}): "
                             "point DATASET_SOURCE at one kind")
-        self.inputs = {"source": self.name, "files": list(zip(self.files, sizes))}
+        self.inputs = {"source": self.name, "files": files}
 
     def stream(self):
         """The split as a datasets IterableDataset (nothing is downloaded up front)."""
@@ -246,8 +249,7 @@ def detect_format(columns):
     if "prompt" in columns and "completion" in columns:
         return "prompt_completion"
     raise UserError(f"cannot tell the chat format from the columns {sorted(columns)}: set FORMAT "
-                    "(sharegpt, openai, alpaca, prompt_completion) or extend to_conversation() "
-                    "in import-dataset.py")
+                    f"({', '.join(FORMATS[1:])}) or extend to_conversation() in import-dataset.py")
 
 
 def to_conversation(row, fmt):

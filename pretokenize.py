@@ -14,15 +14,18 @@ it so that training learns the assistant's answers only.
     .../_manifest.json     written by whichever node finds every part finished: each shard with
         its parts, the eval files, the end-of-turn text, the totals
 
-The tokenizer comes from the bucket's copy of the model (import-model.py), never from the
-Hub. Rows longer than MAX_SEQ_LENGTH tokens are truncated and counted; rows left without a
-trained token are dropped and listed. EVAL_ROWS rows (at most a tenth of the dataset), spread
-evenly over the whole dataset by their position among the standardized rows, are held out.
-Row groups are rendered and tokenized by NUM_PROC worker processes (this one reads and writes)
-and written in order. On several SkyPilot nodes, node SKYPILOT_NODE_RANK takes every
-SKYPILOT_NUM_NODES-th part of all the shards' parts; each part is committed on its own, so a
-rerun continues where it stopped and a finished run writes nothing. The output is the same
-bytes whatever NUM_PROC and the number of nodes.
+The tokenizer comes from the bucket's copy of the model (import-model.py), never from the Hub.
+Rows longer than MAX_SEQ_LENGTH tokens are truncated and counted; rows left without a trained
+token, or that the chat template refuses, are dropped and listed. More than MAX_REJECT_FRACTION
+of the rows dropped (held-out ones included) fails the step before the manifest: the output is
+not complete, and a rerun with a higher limit completes it from the parts on record, tokenizing
+nothing again. EVAL_ROWS rows (at most a tenth of the dataset), spread evenly over the whole
+dataset by their position among the standardized rows, are held out. Row groups are rendered
+and tokenized by NUM_PROC worker processes (this one reads and writes) and written in order. On
+several SkyPilot nodes, node SKYPILOT_NODE_RANK takes every SKYPILOT_NUM_NODES-th part of all
+the shards' parts; each part is committed on its own, so a rerun continues where it stopped and
+a finished run writes nothing. The output is the same bytes whatever NUM_PROC and the number of
+nodes.
 """
 
 import contextlib
@@ -35,7 +38,7 @@ from common import (MODEL_CACHE_SETTING, NOT_TRAINED, Conflict, Setting, UserErr
                     in_order, load_chat_tokenizer, log, manifest_fingerprint, model_fingerprint, model_prefix,
                     model_ready_prefix, open_bucket, parquet_writer, parse_settings, read_manifest,
                     read_row_groups, refuse_other_inputs, require_complete, row_group_sizes, run,
-                    same_inputs, standardized_prefix, with_rebuild, write_manifest)
+                    same_inputs, short, standardized_prefix, with_rebuild, write_manifest)
 
 SETTINGS = [
     Setting("MODEL_NAME", help="the model whose tokenizer and template to use, as imported by "
@@ -47,6 +50,9 @@ SETTINGS = [
             "(for a model that has none)", choices=("model", "chatml")),
     Setting("EVAL_ROWS", 200, "conversations held out of training for the evaluation loss, spread "
             "evenly over the whole dataset (at most a tenth of it; 0: none)", int, minimum=0),
+    Setting("MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of rows is dropped (no "
+            "trained token within MAX_SEQ_LENGTH, or refused by the chat template)", float,
+            minimum=0),
     Setting("PART_SIZE", 20_000, "rows per part: each standardized shard is tokenized and "
             "committed in parts of whole row groups, which nodes share", int, minimum=1),
     Setting("NUM_PROC", os.cpu_count(), "CPU cores to render and tokenize with (worker "
@@ -113,7 +119,7 @@ def main():
                                          preload=[TOKENIZER_MODULE])) as results:
             for part in todo:
                 write_part(bucket, prefix, part, results, inputs)
-    write_manifest_if_all_done(bucket, prefix, inputs, parts)
+    write_manifest_if_all_done(bucket, prefix, inputs, parts, settings.max_reject_fraction)
 
 
 def tokenizer_fingerprint(model):
@@ -202,8 +208,10 @@ def part_done(bucket, prefix, part, inputs, replace):
     return True
 
 
-def write_manifest_if_all_done(bucket, prefix, inputs, parts):
-    """The node that finds every part finished writes the manifest; one write wins."""
+def write_manifest_if_all_done(bucket, prefix, inputs, parts, max_reject_fraction):
+    """The node that finds every part finished writes the manifest, unless more rows were dropped
+    than MAX_REJECT_FRACTION allows; one write wins. The limit is not an input: it changes no
+    part, so a rerun with a higher one writes the manifest from the parts as they are."""
     markers = [read_marker(bucket, prefix, part) for part in parts]
     done = [m for m in markers if m is not None and same_inputs(m["inputs"], inputs)]
     if len(done) < len(parts):
@@ -222,6 +230,7 @@ def write_manifest_if_all_done(bucket, prefix, inputs, parts):
         shard["parts"].append({"path": marker["path"], "rows": marker["rows"],
                                "tokens": marker["tokens"]})
     totals = {key: sum(marker[key] for marker in done) for key in COUNTS}
+    refuse_too_many_dropped(bucket, prefix, totals, shards.values(), max_reject_fraction)
     if totals["rows"] == 0:
         raise UserError(f"every row was dropped (the reasons are in {bucket.url(prefix)}/"
                         "_dropped/): raise MAX_SEQ_LENGTH, or check the chat template")
@@ -237,6 +246,27 @@ def write_manifest_if_all_done(bucket, prefix, inputs, parts):
         f"({totals['trained_tokens']} trained), {totals['truncated']} truncated, "
         f"{totals['dropped']} dropped (listed in _dropped/), {totals['eval_rows']} held out for "
         "evaluation")
+
+
+def refuse_too_many_dropped(bucket, prefix, totals, shards, max_reject_fraction):
+    """Fail, naming the reasons, when more than the allowed fraction of all rows (training and
+    held out) was dropped."""
+    every_row = totals["rows"] + totals["eval_rows"] + totals["dropped"]
+    if totals["dropped"] <= max_reject_fraction * every_row:
+        return
+    reasons = {}
+    for shard in shards:
+        for reason, count in shard["dropped_reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])
+    listed = ", ".join(f"{count:,} '{short(reason)}'" for reason, count in top[:3])
+    if len(top) > 3:
+        listed += f" and {len(top) - 3} other reasons"
+    raise UserError(f"pretokenize dropped {totals['dropped']:,} of {every_row:,} rows "
+                    f"({totals['dropped'] / every_row:.1%}), more than MAX_REJECT_FRACTION="
+                    f"{max_reject_fraction}: {listed}; the rows and reasons are in "
+                    f"{bucket.url(prefix)}/_dropped/: raise MAX_SEQ_LENGTH, fix the template, or "
+                    "raise MAX_REJECT_FRACTION")
 
 
 # ---------------------------------------------------------------- a part

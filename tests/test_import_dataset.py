@@ -1,15 +1,18 @@
 """import-dataset.py: every format, the rejection rules, reruns, resume after SIGKILL, errors."""
 
+import hashlib
 import importlib.util
 import io
 import json
+import os
 import signal
 import time
 
+import boto3
 import pyarrow.parquet as pq
 import pytest
-from conftest import (FAKE_SECRET, ROOT, bucket_objects, descendants, fixture_path, run_step,
-                      running, start_step)
+from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, descendants,
+                      fixture_path, run_step, running, start_step)
 
 from demo import synthetic
 
@@ -444,6 +447,48 @@ def test_changed_settings_are_refused_unless_forced(s3, tmp_path):
     assert "raw/d/shard-00002.parquet" in bucket_objects(s3)
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_source_edited_in_place_to_the_same_size_is_not_taken_for_the_one_imported(s3, tmp_path,
+                                                                                       where):
+    """Files are known by their content: a local file by its sha256, an s3:// object by its
+    ETag. An edit that keeps the size (and, locally, the modification time, as `cp -p` or a
+    restore from a backup does) is other inputs, refused as any changed input is."""
+    data = "".join(json.dumps(r) + "\n" for r in synthetic.conversations(30, seed=8)).encode()
+    edited = data.replace(b" blue", b" pink")
+    assert edited != data and len(edited) == len(data)
+    path = tmp_path / "d.jsonl"
+    client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+
+    def write_source(content):
+        if where == "s3":
+            return client.put_object(Bucket=TEST_BUCKET, Key="sources/d.jsonl", Body=content)["ETag"]
+        mtime = path.stat().st_mtime_ns if path.exists() else None
+        path.write_bytes(content)
+        if mtime is not None:
+            os.utime(path, ns=(mtime, mtime))
+        return hashlib.sha256(content).hexdigest()
+
+    source = f"s3://{TEST_BUCKET}/sources/d.jsonl" if where == "s3" else str(path)
+    args = ("--dataset-name", "d", "--dataset-source", source)
+    fingerprint = write_source(data)
+    run_step("import-dataset.py", s3, *args)
+    files = json.loads(bucket_objects(s3)["raw/d/_manifest.json"])["inputs"]["files"]
+    key = "etag" if where == "s3" else "sha256"
+    assert files == [{"path": source, "size": len(data), key: fingerprint.strip('"')}]
+
+    write_source(edited)
+    result = run_step("import-dataset.py", s3, *args, check=False)
+    assert result.returncode == 1 and "nothing to do" not in result.stdout
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: s3://{TEST_BUCKET}/raw/d was made with other inputs (files: ")
+    assert "FORCE=1" in message
+    run_step("import-dataset.py", {**s3, "FORCE": "1"}, *args)
+    _, rows = standardized(bucket_objects(s3), "d")
+    answers = [t["content"] for r in rows for t in r["conversations"] if t["role"] == "assistant"]
+    assert any(" pink." in a for a in answers) and not any(" blue." in a for a in answers)
+
+
 # ---------------------------------------------------------------- expected failures
 
 
@@ -496,3 +541,14 @@ def test_help_lists_every_setting_with_its_variable_and_default():
         assert setting.env in result.stdout
     assert "--shard-size" in result.stdout and "5000000" in result.stdout
     assert "BUCKET_NAME" in result.stdout and "AWS_SECRET_ACCESS_KEY" in result.stdout
+
+
+def test_help_and_the_readme_list_every_format():
+    (setting,) = [s for s in import_dataset.SETTINGS if s.env == "FORMAT"]
+    (line,) = [line for line in run_step("import-dataset.py", {}, "--help").stdout.splitlines()
+               if line.strip().startswith("FORMAT ")]
+    (row,) = [row for row in (ROOT / "README.md").read_text().splitlines()
+              if row.startswith("| `FORMAT` |")]
+    for value in setting.choices:
+        assert value in line.split("default:")[1].split(None, 1)[1], (value, line)
+        assert value in row.split("|")[5], (value, row)

@@ -227,7 +227,8 @@ def test_tool_calls_train_as_the_template_renders_them_or_the_row_is_dropped(tin
     run_step("import-dataset.py", {**env, "DATASET_SOURCE": str(work / "ft.jsonl")})
     for name, source in (("qwen", qwen), ("tiny", tiny)):
         run_step("import-model.py", {**env, "MODEL_NAME": name, "MODEL_SOURCE": str(source)})
-        run_step("pretokenize.py", {**env, "MODEL_NAME": name, "MAX_SEQ_LENGTH": "1024"})
+        run_step("pretokenize.py", {**env, "MODEL_NAME": name, "MAX_SEQ_LENGTH": "1024",
+                                    "MAX_REJECT_FRACTION": "0.5"})
 
     from transformers import AutoTokenizer
 
@@ -243,6 +244,49 @@ def test_tool_calls_train_as_the_template_renders_them_or_the_row_is_dropped(tin
     manifest = json.loads(bucket_objects(env)["model-ready/tiny/ft/_manifest.json"])
     assert manifest["rows"] == 1
     assert manifest["shards"][0]["dropped_reasons"] == {"the chat template does not render tool calls": 1}
+
+
+def test_more_rows_dropped_than_max_reject_fraction_fail_and_a_higher_limit_reuses_the_parts(
+        tiny_tokenizer, s3, proxy, tmp_path):
+    """20 rows in two parts, EVAL_ROWS=2 (rows 9 and 19 held out): the tiny model's template
+    does not render tool calls (rows 4 and 19) and row 12 has no answer within MAX_SEQ_LENGTH.
+    3 of 20 dropped, held-out ones counted, is more than the default tenth: the step fails
+    without a manifest; with a higher limit it writes the manifest from the parts on record."""
+    rows = [synthetic.as_openai(row) for row in synthetic.conversations(20, seed=7)]
+    rows[4] = rows[19] = FINE_TUNING_ROWS[1]
+    rows[12]["messages"].insert(0, {"role": "system", "content": "Rule of the house. " * 80})
+    (tmp_path / "ft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.zeros((2, 2), dtype=np.float32)}, str(tmp_path / "tiny" / "model.safetensors"))
+    env = {**s3, "DATASET_NAME": "ft", "MODEL_NAME": "tiny", "EVAL_ROWS": "2", "MAX_SEQ_LENGTH": "128",
+           "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    run_step("import-dataset.py", {**env, "DATASET_SOURCE": str(tmp_path / "ft.jsonl"),
+                                   "SHARD_SIZE": "10"})
+    run_step("import-model.py", {**env, "MODEL_SOURCE": str(tmp_path / "tiny")})
+
+    result = run_step("pretokenize.py", env, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message == (
+        "error: pretokenize dropped 3 of 20 rows (15.0%), more than MAX_REJECT_FRACTION=0.1: "
+        "2 'the chat template does not render tool calls', 1 'no trained token within "
+        f"MAX_SEQ_LENGTH'; the rows and reasons are in s3://{TEST_BUCKET}/model-ready/tiny/ft/"
+        "_dropped/: raise MAX_SEQ_LENGTH, fix the template, or raise MAX_REJECT_FRACTION")
+    objects = bucket_objects(s3)
+    assert "model-ready/tiny/ft/_manifest.json" not in objects
+    assert sorted(k for k in objects if k.startswith("model-ready/tiny/ft/_parts/")) == \
+        [f"model-ready/tiny/ft/_parts/shard-0000{i}/part-00000.json" for i in (0, 1)]
+
+    proxy.clear()
+    result = run_step("pretokenize.py", {**env, "AWS_ENDPOINT_URL_S3": proxy.url,
+                                         "MAX_REJECT_FRACTION": "0.2"})
+    assert "0 of 2 parts to tokenize" in result.stdout
+    assert [path for _, path in proxy.writes()] == [f"/{TEST_BUCKET}/model-ready/tiny/ft/_manifest.json"]
+    manifest = json.loads(bucket_objects(s3)["model-ready/tiny/ft/_manifest.json"])
+    assert manifest["complete"] and (manifest["rows"], manifest["eval_rows"]) == (16, 1)
+    assert (manifest["dropped"], manifest["eval_dropped"]) == (3, 1)
 
 
 # ---------------------------------------------------------------- the step
