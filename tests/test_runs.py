@@ -27,8 +27,8 @@ def bucket_env(request, monkeypatch):
 
 def inputs_of(*flags):
     """A run's recorded inputs, as dotrain.py computes them from its settings."""
-    settings = parse_settings("", dotrain.SETTINGS, ["--model-name", MODEL, "--dataset-name", DATASET,
-                                                     *flags])
+    argv = ["--model-name", MODEL, "--dataset-name", DATASET, *flags]
+    settings = parse_settings("", dotrain.SETTINGS, argv)
     return json.loads(json.dumps(dotrain.run_inputs(settings, MODEL_MANIFEST, DATA_MANIFEST)))
 
 
@@ -70,10 +70,11 @@ def write_done(bucket, run, inputs, after):
         "outputs": ["lora_model/", "fused/", "metrics.json", "loss.png", "tensorboard/"]})
 
 
-def runs(env, **extra):
-    return subprocess.run([sys.executable, "-m", "training.runs"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120,
-                          env=step_env({**env, "MODEL_NAME": MODEL, "DATASET_NAME": DATASET, **extra}))
+def runs(env):
+    """python -m training.runs from the repository root, as the README shows it."""
+    env = step_env({**env, "MODEL_NAME": MODEL, "DATASET_NAME": DATASET})
+    return subprocess.run([sys.executable, "-m", "training.runs"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_lists_a_sweep_with_the_settings_that_differ(bucket_env):
@@ -101,6 +102,9 @@ def test_lists_a_sweep_with_the_settings_that_differ(bucket_env):
     for column in ("complete", "steps", "eval loss", "learning_rate"):  # aligned
         start = header.index(column)
         assert all(row[start - 2:start] == "  " and row[start] != " " for row in rows), column
+    readme = (ROOT / "README.md").read_text()  # the README shows this very output
+    sample = readme.split("python -m training.runs\n```\n\n```\n", 1)[1].split("```", 1)[0]
+    assert sample == result.stdout.replace(str(bucket), "s3://mybucket")
 
 
 def test_a_named_run_alone_and_a_run_with_no_checkpoint_yet(bucket_env):

@@ -63,13 +63,15 @@ def listing(bucket, prefix):
 def describe(bucket, model, dataset, name):
     """What the run's done manifest, or else its plan and latest checkpoint, say."""
     done = read_manifest(bucket, done_prefix(model, dataset, name)) or {}
-    plan = read_manifest(bucket, checkpoints_prefix(model, dataset, name)) or {}
-    pointer = json.loads(bucket.get(f"{checkpoints_prefix(model, dataset, name)}/{POINTER}") or "{}")
+    checkpoints = checkpoints_prefix(model, dataset, name)
+    plan = read_manifest(bucket, checkpoints) or {}
+    pointer = json.loads(bucket.get(f"{checkpoints}/{POINTER}") or "{}")
     total = done.get("total_steps") or plan.get("total_steps")
     steps = str(total) if done.get("complete") else f"{pointer.get('step', 0)}/{total or '?'}"
     loss = done.get("eval_loss")
     return {"run": name or UNNAMED, "complete": "yes" if done.get("complete") else "no",
-            "steps": steps, "eval loss": f"{loss['before']:.4f} -> {loss['after']:.4f}" if loss else "-",
+            "steps": steps,
+            "eval loss": f"{loss['before']:.4f} -> {loss['after']:.4f}" if loss else "-",
             "inputs": done.get("inputs") or plan.get("inputs") or {}}
 
 
