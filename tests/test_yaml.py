@@ -63,12 +63,13 @@ def task(name):
 
 
 def dotenv_keys(path):
-    """{NAME: value} of a dotenv example, commented-out `# NAME=value` lines included."""
+    """{NAME: value} of a dotenv example, commented-out `# NAME=value` lines included (a value's
+    double quotes removed, as dotenv and bash read it)."""
     found = {}
     for line in (ROOT / path).read_text().splitlines():
         match = re.fullmatch(r"#?\s*([A-Z][A-Z0-9_]*)=(.*)", line.strip())
         if match:
-            found[match[1]] = match[2]
+            found[match[1]] = match[2].strip('"')
     return found
 
 
