@@ -113,7 +113,8 @@ def parse_settings(description, settings, argv=None):
     for s in settings:
         default = "set" if s.secret and os.environ.get(s.env) else s.default
         lines.append(f"  {s.env:<24} {'(env only)' if s.secret else s.flag:<24} "
-                     f"default: {default!s:<12} {s.help}")
+                     f"default: {default!s:<12} {s.help}"
+                     + (f" [one of: {', '.join(s.choices)}]" if s.choices else ""))
         if s.secret:
             continue
         if s.type is bool:
@@ -838,6 +839,10 @@ def end_of_turn(tokenizer):
 # ---------------------------------------------------------------- models
 
 
+MAX_REJECT_SETTING = Setting(
+    "MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of the rows is dropped: by the "
+    "import (rows no rule converts) or by pretokenize (no trained token within MAX_SEQ_LENGTH, "
+    "or refused by the chat template); each drop is listed with its reason", float, minimum=0)
 MODEL_CACHE_SETTING = Setting(
     "MODEL_CACHE_DIR", os.path.join("~", ".cache", "tigris-finetune", "models"),
     "local directory that keeps verified copies of the bucket's models")

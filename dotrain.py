@@ -55,8 +55,8 @@ from common import (MODEL_CACHE_SETTING, NOT_TRAINED, Setting, UserError, abort_
                     model_fingerprint, model_prefix, model_ready_prefix, open_bucket, parse_settings,
                     read_manifest, read_parquet_batches, require_complete, resume_or_start,
                     run as run_step, same_inputs, with_rebuild, write_manifest)
-from training.checkpoints import (POINTER, Uploads, checkpoint_saved, fetch_checkpoint, pointer_at,
-                                  resume_point)
+from training.checkpoints import (UNNAMED_RUN_FILES, Uploads, checkpoint_saved, fetch_checkpoint,
+                                  owned_by_unnamed_run, pointer_at, resume_point)
 from training.export import export
 from training.merge import weights_files
 from training.processes import Ranks, RankView, Work, rank_sampler, shared_exactly
@@ -214,14 +214,6 @@ def resume_outputs(run, model_manifest):
                            replaceable=resume_point(bucket, run.checkpoints) is None)
     return inputs, done, Plan.from_manifest(plan)
 
-
-# What a run without RUN_NAME writes under its prefixes; named runs' folders sit beside them.
-UNNAMED_RUN_FILES = ("_manifest.json", POINTER, "lora_model", "fused", "metrics.json", "loss.png",
-                     "tensorboard")
-
-
-def owned_by_unnamed_run(name):
-    return name.split("/")[0] in UNNAMED_RUN_FILES or name.startswith("checkpoint-")
 
 
 # ---------------------------------------------------------------- backend

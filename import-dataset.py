@@ -20,10 +20,11 @@ import os
 
 os.environ.setdefault("USE_TORCH", "0")  # datasets would import torch (250 MB) for nothing here
 
-from common import (Setting, UserError, abort_stale_uploads, fingerprint, hub_errors, in_order, log,
-                    manifest_fingerprint, open_bucket, parquet_writer, parse_settings, raw_prefix,
-                    read_manifest, read_row_groups, resume_or_start, row_group_sizes, run,
-                    sha256_file, shard_name, standardized_prefix, with_rebuild, write_manifest)
+from common import (MAX_REJECT_SETTING, Setting, UserError, abort_stale_uploads, fingerprint,
+                    hub_errors, in_order, log, manifest_fingerprint, open_bucket, parquet_writer,
+                    parse_settings, raw_prefix, read_manifest, read_row_groups, resume_or_start,
+                    row_group_sizes, run, sha256_file, shard_name, standardized_prefix,
+                    with_rebuild, write_manifest)
 
 FORMATS = ("auto", "sharegpt", "openai", "alpaca", "prompt_completion")
 SETTINGS = [
@@ -36,10 +37,8 @@ SETTINGS = [
     Setting("DATASET_REVISION", help="Hub branch, tag or commit (pinned to the commit it resolves to)"),
     Setting("HF_TOKEN", help="Hugging Face token, for gated or private datasets", secret=True),
     Setting("SHARD_SIZE", 5_000_000, "rows per shard", int, minimum=1),
-    Setting("FORMAT", "auto", f"source format: {', '.join(FORMATS)} (auto: told from the "
-            "columns)", choices=FORMATS),
-    Setting("MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of rows is dropped",
-            float, minimum=0),
+    Setting("FORMAT", "auto", "source format (auto: told from the columns)", choices=FORMATS),
+    MAX_REJECT_SETTING,
     Setting("NUM_PROC", os.cpu_count(), "CPU cores to standardize with", int, minimum=1),
 ]
 ROW_GROUP_ROWS = 2_000  # rows held in memory at once, and rows per Parquet row group

@@ -33,10 +33,11 @@ import functools
 import json
 import os
 
-from common import (MODEL_CACHE_SETTING, NOT_TRAINED, Conflict, Setting, UserError,
-                    abort_stale_uploads, download_model, end_of_turn, fingerprint,
-                    in_order, load_chat_tokenizer, log, manifest_fingerprint, model_fingerprint, model_prefix,
-                    model_ready_prefix, open_bucket, parquet_writer, parse_settings, read_manifest,
+from common import (MAX_REJECT_SETTING, MODEL_CACHE_SETTING, NOT_TRAINED, Conflict, Setting,
+                    UserError, abort_stale_uploads, download_model, end_of_turn, fingerprint,
+                    in_order, load_chat_tokenizer, log, manifest_fingerprint, model_fingerprint,
+                    model_prefix, model_ready_prefix, open_bucket, parquet_writer, parse_settings,
+                    read_manifest,
                     read_row_groups, refuse_other_inputs, require_complete, row_group_sizes, run,
                     same_inputs, short, standardized_prefix, with_rebuild, write_manifest)
 
@@ -50,9 +51,7 @@ SETTINGS = [
             "(for a model that has none)", choices=("model", "chatml")),
     Setting("EVAL_ROWS", 200, "conversations held out of training for the evaluation loss, spread "
             "evenly over the whole dataset (at most a tenth of it; 0: none)", int, minimum=0),
-    Setting("MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of rows is dropped (no "
-            "trained token within MAX_SEQ_LENGTH, or refused by the chat template)", float,
-            minimum=0),
+    MAX_REJECT_SETTING,
     Setting("PART_SIZE", 20_000, "rows per part: each standardized shard is tokenized and "
             "committed in parts of whole row groups, which nodes share", int, minimum=1),
     Setting("NUM_PROC", os.cpu_count(), "CPU cores to render and tokenize with (worker "

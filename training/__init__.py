@@ -9,6 +9,7 @@
     export.py       lora_model/ and fused/ from the last checkpoint, checked, then the done manifest
     merge.py        the adapter merged into the base one weights file at a time, every weight checked
     report.py       what a run reports: metrics.json, loss.png, its summary lines, REPORT_TO
+    runs.py         `python -m training.runs`: a sweep's runs side by side, read from the bucket
 
 None of them imports a step; heavy libraries (torch, transformers, trl, peft) are imported inside
 the functions that use them, so that dotrain.py decides when (unsloth must come first).

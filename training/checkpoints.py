@@ -23,6 +23,13 @@ from training.shards import position, units
 
 POINTER = "latest.json"
 WHOLE = "_checkpoint.json"  # in a checkpoint's folder, uploaded last
+# What a run without RUN_NAME writes under its prefixes; named runs' folders sit beside them.
+UNNAMED_RUN_FILES = ("_manifest.json", POINTER, "lora_model", "fused", "metrics.json", "loss.png",
+                     "tensorboard")
+
+
+def owned_by_unnamed_run(name):
+    return name.split("/")[0] in UNNAMED_RUN_FILES or name.startswith("checkpoint-")
 
 
 def resume_point(bucket, prefix):

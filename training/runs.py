@@ -14,7 +14,7 @@ import json
 
 from common import (Setting, UserError, checkpoints_prefix, done_prefix, open_bucket,
                     parse_settings, read_manifest, run, short)
-from dotrain import POINTER, owned_by_unnamed_run
+from training.checkpoints import POINTER, owned_by_unnamed_run
 
 SETTINGS = [
     Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
