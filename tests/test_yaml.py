@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -232,19 +233,48 @@ def write_script(path, text):
     path.chmod(0o755)
 
 
+# The torch of PyTorch's cu126 build, as torch.cuda reports it (get_arch_list), on an L4.
+CU126_TORCH = {"version": "2.14.1+cu126", "cuda": "12.6", "sees_gpu": True, "capability": [8, 9],
+               "archs": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"],
+               "kernels_load": True}
+CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+VLLM_KERNELS = "vllm._C_stable_libtorch"  # the compiled module of the vllm==0.33.0 wheel on PyPI
+
+
 @pytest.fixture
 def node(tmp_path):
     """A pretend node: HOME, a work dir holding the task's files, and stand-ins on PATH for
-    python3 (old or new), conda, the venv's python (its pip logs what it is asked to do; its
-    torch sees the GPU or not) and, when a driver is given, nvidia-smi."""
-    log = tmp_path / "log"
-    bin_ = tmp_path / "bin"
-    fake_venv_python = (f'echo "venv-python $*" >> {log}\n'
-                        f'case "$*" in *cuda.is_available*) exit $(cat {tmp_path}/no-gpu-torch);; '
-                        '*torch.__version__*) echo 2.14.1+cu130 built for CUDA 13.0;; esac\n')
+    python3 (old or new), conda, nvidia-smi (when a driver is given) and the venv's python: its
+    pip logs what it is asked to do, and its Python is this one with a stand-in torch (and vLLM
+    kernels) that reports the GPU it is told to."""
+    log, bin_, fakes = tmp_path / "log", tmp_path / "bin", tmp_path / "fakes"
+    gpu = tmp_path / "gpu.json"
+    (fakes / "torch").mkdir(parents=True)
+    (fakes / "torch" / "__init__.py").write_text(f"""import json
+_gpu = json.load(open({str(gpu)!r}))
+__version__ = _gpu["version"]
+
+class version:
+    cuda = _gpu["cuda"]
+
+class cuda:
+    is_available = staticmethod(lambda: _gpu["sees_gpu"])
+    get_device_capability = staticmethod(lambda device=None: tuple(_gpu["capability"]))
+    get_arch_list = staticmethod(lambda: _gpu["archs"])
+""")
+    (fakes / "vllm").mkdir()
+    (fakes / "vllm" / "__init__.py").write_text("")
+    (fakes / "vllm" / "_C_stable_libtorch.py").write_text(f"""import json
+if not json.load(open({str(gpu)!r}))["kernels_load"]:
+    raise ImportError("libcudart.so.13: cannot open shared object file:\\nNo such file or directory")
+""")
+    write_script(tmp_path / "venv-python", f"""echo "venv-python $*" >> {log}
+[ "$1 $2" = "-m pip" ] && exit 0
+PYTHONPATH={fakes} exec {sys.executable} -S "$@"
+""")
     write_script(bin_ / "python3", f"""echo "python3 $*" >> {log}
 if [ "$1" = -c ]; then exit $(cat {tmp_path}/python3-too-old 2>/dev/null || echo 0); fi
-if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; printf '#!/bin/bash\\n{fake_venv_python}' > "$3/bin/python"; chmod +x "$3/bin/python"; fi
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; cp {tmp_path}/venv-python "$3/bin/python"; fi
 """)
     write_script(bin_ / "conda", f"""echo "conda $*" >> {log}
 mkdir -p "$5/bin"; printf '#!/bin/bash\\nexec {bin_}/python3 "$@"\\n' > "$5/bin/python"; chmod +x "$5/bin/python"
@@ -254,12 +284,13 @@ mkdir -p "$5/bin"; printf '#!/bin/bash\\nexec {bin_}/python3 "$@"\\n' > "$5/bin/
     for name in ("requirements.txt", "torch-for-driver.sh"):
         (work / name).write_text((ROOT / name).read_text())
 
-    def run(block, python3_too_old=False, driver=None, torch_sees_gpu=True, env=()):
+    def run(block, python3_too_old=False, driver=None, capability="8.9", torch=(), env=()):
         (tmp_path / "python3-too-old").write_text("1" if python3_too_old else "0")
-        (tmp_path / "no-gpu-torch").write_text("0" if torch_sees_gpu else "1")
+        gpu.write_text(json.dumps({**CU126_TORCH, **dict(torch)}))
         (bin_ / "nvidia-smi").unlink(missing_ok=True)
-        if driver:  # answers --query-gpu=driver_version --format=csv,noheader
-            write_script(bin_ / "nvidia-smi", f'echo "{driver}"\n')
+        if driver:  # answers --query-gpu=driver_version (or compute_cap) --format=csv,noheader
+            write_script(bin_ / "nvidia-smi", f'case "$*" in *driver_version*) echo "{driver}";; '
+                                              f'*compute_cap*) echo "{capability}";; *) exit 2;; esac\n')
         env = {"HOME": str(tmp_path / "home"), "PATH": f"{bin_}:/usr/bin:/bin", **dict(env)}
         result = subprocess.run(["bash", "-c", block], cwd=work, env=env, capture_output=True,
                                 text=True, timeout=60)
@@ -276,8 +307,16 @@ def installs(lines):
             and "--upgrade pip" not in line]
 
 
+def gpu_checks(lines):
+    """The arguments of each GPU check the venv's python ran (`python - DRIVER [MODULE...]`)."""
+    return [line.split(" ", 2)[2] for line in lines if line.startswith("venv-python - ")]
+
+
 def torch_from(cuda, version="2.14.1"):
     return f"--extra-index-url https://download.pytorch.org/whl/{cuda} torch=={version}+{cuda}"
+
+
+SERVICE_PACKAGES = "vllm==0.33.0 awscli==1.46.3"
 
 
 def test_setup_installs_once_and_again_when_the_requirements_change(node):
@@ -298,32 +337,61 @@ def test_setup_installs_once_and_again_when_the_requirements_change(node):
     assert result.returncode == 0 and installs(lines)[0].endswith(f"{UNSLOTH} wandb==0.31.0")
 
 
-@pytest.mark.parametrize("name, version", [("allatonce.yaml", "2.14.1"), ("service.yaml", "2.13.0")])
-@pytest.mark.parametrize("driver, cuda", [
-    (None, "cpu"), ("525.60.13", "cu126"), ("535.183.01", "cu126"), ("570.124.06", "cu128"),
-    ("575.57.08", "cu128"), ("580.95.05", "cu130"), ("590.44.01", "cu130")])
-def test_setup_installs_the_torch_build_of_the_nodes_driver(node, name, version, driver, cuda):
-    result, lines = node(task(name)["setup"], driver=driver)
+@pytest.mark.parametrize("driver, capability, cuda", [
+    (None, None, "cpu"), ("525.60.13", "8.9", "cu126"), ("535.183.01", "8.6", "cu126"),
+    ("570.124.06", "8.9", "cu128"), ("575.57.08", "7.5", "cu128"), ("580.95.05", "8.0", "cu130"),
+    ("590.44.01", "12.0", "cu130"), ("580.95.05", "7.5", "cu130"),
+    # cu128 and cu130 have no kernels below compute capability 7.5: a V100 (7.0) takes cu126
+    ("580.95.05", "7.0", "cu126"), ("570.124.06", "7.0", "cu126"), ("550.54.15", "6.0", "cu126")])
+def test_training_setup_installs_the_torch_build_of_the_nodes_driver_and_gpu(node, driver, capability, cuda):
+    torch = {"capability": [int(part) for part in capability.split(".")],
+             "archs": CU126_TORCH["archs"] if cuda == "cu126" else CU130_ARCHS} if capability else {}
+    result, lines = node(task("allatonce.yaml")["setup"], driver=driver, capability=capability, torch=torch)
     assert result.returncode == 0, result.stderr
     [packages] = installs(lines)
-    assert packages.startswith(torch_from(cuda, version) + " ")
-    assert any("cuda.is_available" in line for line in lines) == (driver is not None)
+    assert packages.startswith(torch_from(cuda) + " ")
+    assert gpu_checks(lines) == ([driver] if driver else [])
+
+
+def test_training_setup_refuses_in_one_line_a_torch_without_kernels_for_the_gpu(node):
+    # e.g. a venv that a cu128 install left on a disk that now has a V100 (compute capability 7.0)
+    torch = {"version": "2.14.1+cu128", "cuda": "12.8", "capability": [7, 0], "archs": CU130_ARCHS}
+    for _ in range(2):  # after the install, and again when setup finds it up to date
+        result, lines = node(task("allatonce.yaml")["setup"], driver="580.95.05", capability="7.0",
+                             torch=torch)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == [
+            "error: torch 2.14.1+cu128 built for CUDA 12.8 has no kernels for this GPU (compute "
+            f"capability 7.0; it has {' '.join(CU130_ARCHS)}): remove the venv and rerun setup, or "
+            "pick another GPU in resources.ordered"]
+    # the same build runs on 7.5 (sm_75), on 8.9 (sm_86's cubins) and on 12.1 (compute_120's PTX)
+    for capability in ([7, 5], [8, 9], [12, 1]):
+        result, _ = node(task("allatonce.yaml")["setup"], driver="580.95.05",
+                         torch={**torch, "capability": capability})
+        assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
 def test_setup_refuses_in_one_line_a_driver_too_old_or_a_torch_blind_to_the_gpu(node, name):
     result, lines = node(task(name)["setup"], driver="470.256.02")
     assert result.returncode != 0 and installs(lines) == []
+    [message] = result.stderr.strip().splitlines()
+    assert message.startswith("error: ") and "470.256.02" in message
+
+    for _ in range(2):  # after the install, and again when setup finds it up to date
+        result, lines = node(task(name)["setup"], driver="580.95.05",
+                             torch={"version": "2.14.1+cu130", "cuda": "13.0", "sees_gpu": False})
+        assert result.returncode != 0
+        [message] = result.stderr.strip().splitlines()
+        assert message.startswith("error: nvidia-smi sees a GPU (driver 580.95.05) and torch "
+                                  "cannot use it (2.14.1+cu130 built for CUDA 13.0)")
+
+
+def test_training_setup_names_the_driver_floor_of_pytorchs_builds(node):
+    result, _ = node(task("allatonce.yaml")["setup"], driver="470.256.02")
     assert result.stderr.strip().splitlines() == [
         "error: the NVIDIA driver 470.256.02 is too old for PyTorch's CUDA builds (525 or newer): "
         "pick an image with a newer driver (resources.image_id) or another GPU in resources.ordered"]
-
-    for _ in range(2):  # after the install, and again when setup finds it up to date
-        result, lines = node(task(name)["setup"], driver="535.183.01", torch_sees_gpu=False)
-        assert result.returncode != 0
-        [message] = result.stderr.strip().splitlines()
-        assert message.startswith("error: nvidia-smi sees a GPU (driver 535.183.01) and torch "
-                                  "cannot use it (2.14.1+cu130 built for CUDA 13.0)")
 
 
 @pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
@@ -336,14 +404,47 @@ def test_setup_takes_python_from_conda_when_the_image_has_an_old_one(node, name)
     assert result.returncode == 0 and installs(lines) == [] and not lines
 
 
-def test_service_setup_installs_pinned_vllm_once(node):
+SERVING_TORCH = {"version": "2.14.0+cu130", "cuda": "13.0", "archs": CU130_ARCHS}
+
+
+@pytest.mark.parametrize("driver, capability", [(None, None), ("580.95.05", "8.9"), ("590.44.01", "9.0"),
+                                                ("580.95.05", "7.5")])
+def test_service_setup_installs_vllm_with_its_own_torch_from_pypi_once(node, driver, capability):
     setup = task("service.yaml")["setup"]
-    result, lines = node(setup)
+    torch = {**SERVING_TORCH, "capability": [int(part) for part in (capability or "8.9").split(".")]}
+    result, lines = node(setup, driver=driver, capability=capability, torch=torch)
     assert result.returncode == 0, result.stderr
-    [packages] = installs(lines)
-    packages = packages.split(" ", 2)[2]  # after --extra-index-url URL
-    assert re.search(r"\bvllm==\d", packages) and all("==" in p for p in packages.split())
-    assert installs(node(setup)[1]) == []
+    # no torch of PyTorch's indexes beside it: vLLM's wheel is built against the torch it pins
+    assert installs(lines) == [SERVICE_PACKAGES]
+    assert gpu_checks(lines) == ([f"{driver} {VLLM_KERNELS}"] if driver else [])
+    result, lines = node(setup, driver=driver, capability=capability, torch=torch)
+    assert result.returncode == 0 and installs(lines) == []
+    assert gpu_checks(lines) == ([f"{driver} {VLLM_KERNELS}"] if driver else [])
+
+
+@pytest.mark.parametrize("driver, capability", [
+    ("575.57.08", "8.9"), ("535.183.01", "8.6"), ("525.60.13", "8.0"),  # CUDA 12 drivers
+    ("580.95.05", "7.0"),  # a V100: vLLM and torch's CUDA 13 build start at 7.5
+    ("470.256.02", "8.0")])
+def test_service_setup_refuses_in_one_line_a_node_that_cannot_run_cuda_13(node, driver, capability):
+    result, lines = node(task("service.yaml")["setup"], driver=driver, capability=capability)
+    assert result.returncode != 0 and installs(lines) == []
+    assert result.stderr.strip().splitlines() == [
+        "error: vLLM 0.33.0 is built for CUDA 13, which needs an NVIDIA driver 580 or newer and a GPU "
+        f"of compute capability 7.5 or more; this node has driver {driver} and compute capability "
+        f"{capability}: pick an image with a newer driver (resources.image_id) or another GPU in "
+        "resources.ordered"]
+
+
+def test_service_setup_refuses_in_one_line_vllm_kernels_that_do_not_load(node):
+    torch = {**SERVING_TORCH, "kernels_load": False}
+    for _ in range(2):  # after the install, and again when setup finds it up to date
+        result, _ = node(task("service.yaml")["setup"], driver="580.95.05", torch=torch)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == [
+            f"error: {VLLM_KERNELS} does not load beside torch 2.14.0+cu130 built for CUDA 13.0 "
+            "(ImportError: libcudart.so.13: cannot open shared object file: No such file or "
+            "directory): remove the venv and rerun setup"]
 
 
 # ---------------------------------------------------------------- run blocks
