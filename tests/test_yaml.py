@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import pytest
@@ -529,50 +530,119 @@ def test_one_node_with_one_gpu_trains_without_torchrun(fake_steps):
 @pytest.fixture
 def replica(tmp_path, s3):
     """A pretend replica: the project's venv (its aws CLI) as ~/venv-serve, a stand-in vllm
-    that logs its arguments and the files it was given, and the service's settings."""
+    that logs its arguments and the key it was given, the service's settings, and a bucket that
+    the test fills with a base model and runs."""
     home, work = tmp_path / "home", tmp_path / "work"
     work.mkdir()
     venv = home / "venv-serve"
     write_script(venv / "bin" / "vllm", f'echo "vllm $*" > {tmp_path}/vllm.log; '
-                 f'echo "key $VLLM_API_KEY" >> {tmp_path}/vllm.log; ls -R fused >> {tmp_path}/vllm.log\n')
+                 f'echo "key $VLLM_API_KEY" >> {tmp_path}/vllm.log\n')
     (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:{ROOT}/.venv/bin:$PATH"\n')
     (venv / "aws-config").write_text("[default]\ns3 =\n  addressing_style = path\n")  # loopback
     envs = {k: str(v) for k, v in task("service.yaml")["envs"].items() if v is not None}
     client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
                           aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
 
-    def run(complete, api_key=SERVE_KEY, run_name=""):
-        env = {"PATH": os.environ["PATH"], "HOME": str(home), **envs, **s3,
-               "SERVE_API_KEY": api_key, "RUN_NAME": run_name}
+    def put(key, body):
+        client.put_object(Bucket=TEST_BUCKET, Key=key, Body=body if isinstance(body, bytes) else body.encode())
+
+    def put_base(model_type="qwen2"):
+        base = f"models/{envs['MODEL_NAME']}"
+        put(f"{base}/config.json", json.dumps({"model_type": model_type}))
+        put(f"{base}/model.safetensors", "base weights")
+        put(f"{base}/tokenizer_config.json", "the base's tokenizer")
+        put(f"{base}/_manifest.json", json.dumps({"complete": True}))
+
+    def put_run(run_name="", complete=True, model_type="qwen2", rank=16):
         done = f"done/{envs['MODEL_NAME']}/{envs['DATASET_NAME']}" + (f"/{run_name}" if run_name else "")
-        client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/_manifest.json",
-                          Body=json.dumps({"complete": complete}).encode())
-        for name in ("config.json", "model.safetensors"):
-            client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/fused/{name}", Body=f"{run_name}/{name}".encode())
+        put(f"{done}/_manifest.json", json.dumps({"complete": complete}))
+        put(f"{done}/fused/config.json", json.dumps({"model_type": model_type}))
+        put(f"{done}/fused/model.safetensors", f"{run_name}/model.safetensors")
+        put(f"{done}/lora_model/adapter_config.json", json.dumps({"r": rank, "rank_pattern": {}}))
+        put(f"{done}/lora_model/adapter_model.safetensors", f"{run_name}/adapter")
+        put(f"{done}/lora_model/tokenizer_config.json", "the runs' tokenizer")
+        put(f"{done}/lora_model/generation_config.json", "the runs' stops")
+
+    def serve(api_key=SERVE_KEY, **settings):
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), **envs, **s3, "SERVE_API_KEY": api_key,
+               **settings}
         result = subprocess.run(["bash", "-c", task("service.yaml")["run"]], cwd=work, env=env,
                                 capture_output=True, text=True, timeout=120)
         log = tmp_path / "vllm.log"
-        return result, log.read_text() if log.exists() else None
+        return result, log.read_text().splitlines() if log.exists() else None
 
-    run.work = work
-    return run
+    return SimpleNamespace(work=work, put_base=put_base, put_run=put_run, serve=serve)
 
 
 SERVE_KEY = "serve-key-7d1e5a"
+VLLM = "vllm serve ./model --host 0.0.0.0 --port 8000 --max-model-len 4096"
+HERMES = "--enable-auto-tool-choice --tool-call-parser hermes"
 
 
 @pytest.mark.parametrize("run_name", ["", "lr-1e-4"])
 def test_the_service_pulls_the_fused_model_and_serves_it_behind_its_key(replica, run_name):
-    result, vllm = replica(complete=True, run_name=run_name)
+    replica.put_run(run_name)
+    result, vllm = replica.serve(RUN_NAME=run_name)
     assert result.returncode == 0, result.stderr
-    assert vllm.splitlines()[:2] == ["vllm serve ./fused --served-model-name finetuned --host 0.0.0.0 "
-                                     "--port 8000 --max-model-len 4096", f"key {SERVE_KEY}"]
-    assert (replica.work / "fused" / "model.safetensors").read_bytes() == f"{run_name}/model.safetensors".encode()
+    assert vllm == [f"{VLLM} --served-model-name finetuned {HERMES}", f"key {SERVE_KEY}"]
+    assert (replica.work / "model" / "model.safetensors").read_bytes() == f"{run_name}/model.safetensors".encode()
     assert FAKE_SECRET not in result.stdout + result.stderr and SERVE_KEY not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("model_type, parser", [("qwen2", "hermes"), ("qwen3", "hermes"),
+                                                ("llama", "llama3_json"), ("mistral", "mistral")])
+def test_the_service_returns_tool_calls_with_the_parser_of_the_models_family(replica, model_type, parser):
+    replica.put_run(model_type=model_type)
+    result, vllm = replica.serve()
+    assert result.returncode == 0, result.stderr
+    assert vllm[0].endswith(f" --enable-auto-tool-choice --tool-call-parser {parser}")
+
+
+def test_tool_call_parser_can_be_named_or_turned_off(replica):
+    replica.put_run(model_type="gpt2")  # no parser known for it
+    result, vllm = replica.serve()
+    assert result.returncode == 0, result.stderr
+    assert vllm[0] == f"{VLLM} --served-model-name finetuned"
+    assert "no tool-call parser is known for model_type 'gpt2'" in result.stdout
+    result, vllm = replica.serve(TOOL_CALL_PARSER="pythonic")
+    assert vllm[0] == f"{VLLM} --served-model-name finetuned --enable-auto-tool-choice --tool-call-parser pythonic"
+    replica.put_run(model_type="qwen2")
+    result, vllm = replica.serve(TOOL_CALL_PARSER="none")
+    assert vllm[0] == f"{VLLM} --served-model-name finetuned"
+
+
+@pytest.mark.parametrize("run_name, served", [("", ""), ("lr-1e-4", "lr-1e-4/")])
+def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_name(replica, run_name, served):
+    replica.put_base()
+    replica.put_run("", rank=16)
+    replica.put_run("lr-1e-4", rank=24)
+    replica.put_run("lr-3e-4", complete=False, rank=64)  # still training: not served
+    result, vllm = replica.serve(ADAPTERS="1", RUN_NAME=run_name)
+    assert result.returncode == 0, result.stderr
+    runs = replica.work / "runs"
+    assert vllm[0] == (f"{VLLM} --served-model-name Qwen/Qwen2.5-0.5B --enable-lora --max-lora-rank 32 "
+                       f"--max-loras 2 --lora-modules lr-1e-4={runs}/lr-1e-4/lora_model "
+                       f"finetuned={runs}/{served}lora_model {HERMES}")
+    # the bucket's base, with the runs' tokenizer and generation config, as in their fused/
+    model = replica.work / "model"
+    assert (model / "model.safetensors").read_text() == "base weights"
+    assert (model / "tokenizer_config.json").read_text() == "the runs' tokenizer"
+    assert (model / "generation_config.json").read_text() == "the runs' stops"
+    assert not list(model.glob("adapter_*"))
+
+
+def test_with_adapters_a_rank_above_what_vllm_takes_is_refused_in_one_line(replica):
+    replica.put_base()
+    replica.put_run("", rank=1024)
+    result, vllm = replica.serve(ADAPTERS="1")
+    assert result.returncode != 0 and vllm is None
+    assert result.stderr.strip() == ("error: LoRA rank 1024 is above vLLM's largest, 512: serve the fused "
+                                     "models (ADAPTERS=0)")
+
+
 def test_the_service_refuses_to_serve_without_a_key(replica):
-    result, vllm = replica(complete=True, api_key="")
+    replica.put_run()
+    result, vllm = replica.serve(api_key="")
     assert result.returncode != 0 and vllm is None
     assert result.stderr.strip() == ("error: SERVE_API_KEY is not set: give the endpoint a key (in "
                                      ".secrets, or --secret SERVE_API_KEY)")
@@ -584,6 +654,7 @@ def test_the_probe_sends_the_key():
 
 
 def test_the_service_refuses_an_unfinished_model(replica):
-    result, vllm = replica(complete=False)
+    replica.put_run(complete=False)
+    result, vllm = replica.serve()
     assert result.returncode != 0 and vllm is None
     assert "training has not finished" in result.stderr
