@@ -52,7 +52,9 @@ def parse(path, env_file, secret_file, cli_envs):
                        "job_recovery": r.job_recovery, "ports": r.ports} for r in task.resources],
         "service": service and {"path": service.readiness_path, "post_data": service.post_data,
                                 "min_replicas": service.min_replicas,
-                                "max_replicas": service.max_replicas},
+                                "max_replicas": service.max_replicas,
+                                "tls": service.tls_credential and [service.tls_credential.keyfile,
+                                                                   service.tls_credential.certfile]},
     }
 
 cases = json.loads(sys.argv[1])
@@ -62,6 +64,12 @@ print(json.dumps({name: parse(*args) for name, args in cases.items()}))
 
 def task(name):
     return yaml.safe_load((ROOT / name).read_text())
+
+
+def uncomment_tls(text):
+    """service.yaml with its commented-out tls: section turned on, as its comment says to."""
+    return re.sub(r"^  # (tls:\n)  # (  keyfile: .*\n)  # (  certfile: .*\n)", r"  \1  \2  \3", text,
+                  flags=re.M)
 
 
 def dotenv_keys(path):
@@ -91,10 +99,13 @@ def parsed(tmp_path_factory):
 
     env, secrets = str(ROOT / ".env.example"), str(ROOT / ".secrets.example")
     allatonce, service = str(ROOT / "allatonce.yaml"), str(ROOT / "service.yaml")
+    with_tls = tmp / "tls.yaml"
+    with_tls.write_text(uncomment_tls((ROOT / "service.yaml").read_text()))
     bucket = {"BUCKET_NAME": "my-bucket"}
     cases = {
         "allatonce": [allatonce, env, secrets, bucket],
         "service": [service, env, secrets, bucket],
+        "service-tls": [str(with_tls), env, secrets, bucket],
         "no-bucket": [allatonce, env, secrets, {}],
         "spot": [variant("spot.yaml", lambda c: c["resources"].update(use_spot=True)), env,
                  secrets, bucket],
@@ -153,6 +164,13 @@ def test_the_service_probes_the_model_it_serves(parsed):
     assert service["service"]["post_data"]["messages"]
     assert 1 <= service["service"]["min_replicas"] <= service["service"]["max_replicas"]
     assert all(r["ports"] == ["8000"] for r in service["resources"])
+
+
+def test_the_documented_tls_section_gives_the_endpoint_https(parsed):
+    assert parsed["service"]["service"]["tls"] is None  # as shipped
+    tls = parsed["service-tls"]
+    assert "error" not in tls, tls.get("error")
+    assert tls["service"]["tls"] == ["~/certs/endpoint.key", "~/certs/endpoint.crt"]
 
 
 # ---------------------------------------------------------------- settings and secrets
