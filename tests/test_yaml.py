@@ -11,8 +11,10 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import pytest
@@ -50,7 +52,9 @@ def parse(path, env_file, secret_file, cli_envs):
                        "job_recovery": r.job_recovery, "ports": r.ports} for r in task.resources],
         "service": service and {"path": service.readiness_path, "post_data": service.post_data,
                                 "min_replicas": service.min_replicas,
-                                "max_replicas": service.max_replicas},
+                                "max_replicas": service.max_replicas,
+                                "tls": service.tls_credential and [service.tls_credential.keyfile,
+                                                                   service.tls_credential.certfile]},
     }
 
 cases = json.loads(sys.argv[1])
@@ -60,6 +64,12 @@ print(json.dumps({name: parse(*args) for name, args in cases.items()}))
 
 def task(name):
     return yaml.safe_load((ROOT / name).read_text())
+
+
+def uncomment_tls(text):
+    """service.yaml with its commented-out tls: section turned on, as its comment says to."""
+    return re.sub(r"^  # (tls:\n)  # (  keyfile: .*\n)  # (  certfile: .*\n)", r"  \1  \2  \3", text,
+                  flags=re.M)
 
 
 def dotenv_keys(path):
@@ -90,10 +100,13 @@ def parsed(tmp_path_factory):
 
     env, secrets = str(ROOT / ".env.example"), str(ROOT / ".secrets.example")
     allatonce, service = str(ROOT / "allatonce.yaml"), str(ROOT / "service.yaml")
+    with_tls = tmp / "tls.yaml"
+    with_tls.write_text(uncomment_tls((ROOT / "service.yaml").read_text()))
     bucket = {"BUCKET_NAME": "my-bucket"}
     cases = {
         "allatonce": [allatonce, env, secrets, bucket],
         "service": [service, env, secrets, bucket],
+        "service-tls": [str(with_tls), env, secrets, bucket],
         "no-bucket": [allatonce, env, secrets, {}],
         "spot": [variant("spot.yaml", lambda c: c["resources"].update(use_spot=True)), env,
                  secrets, bucket],
@@ -152,6 +165,13 @@ def test_the_service_probes_the_model_it_serves(parsed):
     assert service["service"]["post_data"]["messages"]
     assert 1 <= service["service"]["min_replicas"] <= service["service"]["max_replicas"]
     assert all(r["ports"] == ["8000"] for r in service["resources"])
+
+
+def test_the_documented_tls_section_gives_the_endpoint_https(parsed):
+    assert parsed["service"]["service"]["tls"] is None  # as shipped
+    tls = parsed["service-tls"]
+    assert "error" not in tls, tls.get("error")
+    assert tls["service"]["tls"] == ["~/certs/endpoint.key", "~/certs/endpoint.crt"]
 
 
 # ---------------------------------------------------------------- settings and secrets
@@ -233,19 +253,48 @@ def write_script(path, text):
     path.chmod(0o755)
 
 
+# The torch of PyTorch's cu126 build, as torch.cuda reports it (get_arch_list), on an L4.
+CU126_TORCH = {"version": "2.14.1+cu126", "cuda": "12.6", "sees_gpu": True, "capability": [8, 9],
+               "archs": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"],
+               "kernels_load": True}
+CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+VLLM_KERNELS = "vllm._C_stable_libtorch"  # the compiled module of the vllm==0.33.0 wheel on PyPI
+
+
 @pytest.fixture
 def node(tmp_path):
     """A pretend node: HOME, a work dir holding the task's files, and stand-ins on PATH for
-    python3 (old or new), conda, the venv's python (its pip logs what it is asked to do; its
-    torch sees the GPU or not) and, when a driver is given, nvidia-smi."""
-    log = tmp_path / "log"
-    bin_ = tmp_path / "bin"
-    fake_venv_python = (f'echo "venv-python $*" >> {log}\n'
-                        f'case "$*" in *cuda.is_available*) exit $(cat {tmp_path}/no-gpu-torch);; '
-                        '*torch.__version__*) echo 2.14.1+cu130 built for CUDA 13.0;; esac\n')
+    python3 (old or new), conda, nvidia-smi (when a driver is given) and the venv's python: its
+    pip logs what it is asked to do, and its Python is this one with a stand-in torch (and vLLM
+    kernels) that reports the GPU it is told to."""
+    log, bin_, fakes = tmp_path / "log", tmp_path / "bin", tmp_path / "fakes"
+    gpu = tmp_path / "gpu.json"
+    (fakes / "torch").mkdir(parents=True)
+    (fakes / "torch" / "__init__.py").write_text(f"""import json
+_gpu = json.load(open({str(gpu)!r}))
+__version__ = _gpu["version"]
+
+class version:
+    cuda = _gpu["cuda"]
+
+class cuda:
+    is_available = staticmethod(lambda: _gpu["sees_gpu"])
+    get_device_capability = staticmethod(lambda device=None: tuple(_gpu["capability"]))
+    get_arch_list = staticmethod(lambda: _gpu["archs"])
+""")
+    (fakes / "vllm").mkdir()
+    (fakes / "vllm" / "__init__.py").write_text("")
+    (fakes / "vllm" / "_C_stable_libtorch.py").write_text(f"""import json
+if not json.load(open({str(gpu)!r}))["kernels_load"]:
+    raise ImportError("libcudart.so.13: cannot open shared object file:\\nNo such file or directory")
+""")
+    write_script(tmp_path / "venv-python", f"""echo "venv-python $*" >> {log}
+[ "$1 $2" = "-m pip" ] && exit 0
+PYTHONPATH={fakes} exec {sys.executable} -S "$@"
+""")
     write_script(bin_ / "python3", f"""echo "python3 $*" >> {log}
 if [ "$1" = -c ]; then exit $(cat {tmp_path}/python3-too-old 2>/dev/null || echo 0); fi
-if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; printf '#!/bin/bash\\n{fake_venv_python}' > "$3/bin/python"; chmod +x "$3/bin/python"; fi
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; cp {tmp_path}/venv-python "$3/bin/python"; fi
 """)
     write_script(bin_ / "conda", f"""echo "conda $*" >> {log}
 mkdir -p "$5/bin"; printf '#!/bin/bash\\nexec {bin_}/python3 "$@"\\n' > "$5/bin/python"; chmod +x "$5/bin/python"
@@ -255,12 +304,13 @@ mkdir -p "$5/bin"; printf '#!/bin/bash\\nexec {bin_}/python3 "$@"\\n' > "$5/bin/
     for name in ("requirements.txt", "torch-for-driver.sh"):
         (work / name).write_text((ROOT / name).read_text())
 
-    def run(block, python3_too_old=False, driver=None, torch_sees_gpu=True, env=()):
+    def run(block, python3_too_old=False, driver=None, capability="8.9", torch=(), env=()):
         (tmp_path / "python3-too-old").write_text("1" if python3_too_old else "0")
-        (tmp_path / "no-gpu-torch").write_text("0" if torch_sees_gpu else "1")
+        gpu.write_text(json.dumps({**CU126_TORCH, **dict(torch)}))
         (bin_ / "nvidia-smi").unlink(missing_ok=True)
-        if driver:  # answers --query-gpu=driver_version --format=csv,noheader
-            write_script(bin_ / "nvidia-smi", f'echo "{driver}"\n')
+        if driver:  # answers --query-gpu=driver_version (or compute_cap) --format=csv,noheader
+            write_script(bin_ / "nvidia-smi", f'case "$*" in *driver_version*) echo "{driver}";; '
+                                              f'*compute_cap*) echo "{capability}";; *) exit 2;; esac\n')
         env = {"HOME": str(tmp_path / "home"), "PATH": f"{bin_}:/usr/bin:/bin", **dict(env)}
         result = subprocess.run(["bash", "-c", block], cwd=work, env=env, capture_output=True,
                                 text=True, timeout=60)
@@ -277,8 +327,16 @@ def installs(lines):
             and "--upgrade pip" not in line]
 
 
+def gpu_checks(lines):
+    """The arguments of each GPU check the venv's python ran (`python - DRIVER [MODULE...]`)."""
+    return [line.split(" ", 2)[2] for line in lines if line.startswith("venv-python - ")]
+
+
 def torch_from(cuda, version="2.14.1"):
     return f"--extra-index-url https://download.pytorch.org/whl/{cuda} torch=={version}+{cuda}"
+
+
+SERVICE_PACKAGES = "vllm==0.33.0 awscli==1.46.3"
 
 
 def test_setup_installs_once_and_again_when_the_requirements_change(node):
@@ -299,32 +357,61 @@ def test_setup_installs_once_and_again_when_the_requirements_change(node):
     assert result.returncode == 0 and installs(lines)[0].endswith(f"{UNSLOTH} wandb==0.31.0")
 
 
-@pytest.mark.parametrize("name, version", [("allatonce.yaml", "2.14.1"), ("service.yaml", "2.13.0")])
-@pytest.mark.parametrize("driver, cuda", [
-    (None, "cpu"), ("525.60.13", "cu126"), ("535.183.01", "cu126"), ("570.124.06", "cu128"),
-    ("575.57.08", "cu128"), ("580.95.05", "cu130"), ("590.44.01", "cu130")])
-def test_setup_installs_the_torch_build_of_the_nodes_driver(node, name, version, driver, cuda):
-    result, lines = node(task(name)["setup"], driver=driver)
+@pytest.mark.parametrize("driver, capability, cuda", [
+    (None, None, "cpu"), ("525.60.13", "8.9", "cu126"), ("535.183.01", "8.6", "cu126"),
+    ("570.124.06", "8.9", "cu128"), ("575.57.08", "7.5", "cu128"), ("580.95.05", "8.0", "cu130"),
+    ("590.44.01", "12.0", "cu130"), ("580.95.05", "7.5", "cu130"),
+    # cu128 and cu130 have no kernels below compute capability 7.5: a V100 (7.0) takes cu126
+    ("580.95.05", "7.0", "cu126"), ("570.124.06", "7.0", "cu126"), ("550.54.15", "6.0", "cu126")])
+def test_training_setup_installs_the_torch_build_of_the_nodes_driver_and_gpu(node, driver, capability, cuda):
+    torch = {"capability": [int(part) for part in capability.split(".")],
+             "archs": CU126_TORCH["archs"] if cuda == "cu126" else CU130_ARCHS} if capability else {}
+    result, lines = node(task("allatonce.yaml")["setup"], driver=driver, capability=capability, torch=torch)
     assert result.returncode == 0, result.stderr
     [packages] = installs(lines)
-    assert packages.startswith(torch_from(cuda, version) + " ")
-    assert any("cuda.is_available" in line for line in lines) == (driver is not None)
+    assert packages.startswith(torch_from(cuda) + " ")
+    assert gpu_checks(lines) == ([driver] if driver else [])
+
+
+def test_training_setup_refuses_in_one_line_a_torch_without_kernels_for_the_gpu(node):
+    # e.g. a venv that a cu128 install left on a disk that now has a V100 (compute capability 7.0)
+    torch = {"version": "2.14.1+cu128", "cuda": "12.8", "capability": [7, 0], "archs": CU130_ARCHS}
+    for _ in range(2):  # after the install, and again when setup finds it up to date
+        result, lines = node(task("allatonce.yaml")["setup"], driver="580.95.05", capability="7.0",
+                             torch=torch)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == [
+            "error: torch 2.14.1+cu128 built for CUDA 12.8 has no kernels for this GPU (compute "
+            f"capability 7.0; it has {' '.join(CU130_ARCHS)}): remove the venv and rerun setup, or "
+            "pick another GPU in resources.ordered"]
+    # the same build runs on 7.5 (sm_75), on 8.9 (sm_86's cubins) and on 12.1 (compute_120's PTX)
+    for capability in ([7, 5], [8, 9], [12, 1]):
+        result, _ = node(task("allatonce.yaml")["setup"], driver="580.95.05",
+                         torch={**torch, "capability": capability})
+        assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
 def test_setup_refuses_in_one_line_a_driver_too_old_or_a_torch_blind_to_the_gpu(node, name):
     result, lines = node(task(name)["setup"], driver="470.256.02")
     assert result.returncode != 0 and installs(lines) == []
+    [message] = result.stderr.strip().splitlines()
+    assert message.startswith("error: ") and "470.256.02" in message
+
+    for _ in range(2):  # after the install, and again when setup finds it up to date
+        result, lines = node(task(name)["setup"], driver="580.95.05",
+                             torch={"version": "2.14.1+cu130", "cuda": "13.0", "sees_gpu": False})
+        assert result.returncode != 0
+        [message] = result.stderr.strip().splitlines()
+        assert message.startswith("error: nvidia-smi sees a GPU (driver 580.95.05) and torch "
+                                  "cannot use it (2.14.1+cu130 built for CUDA 13.0)")
+
+
+def test_training_setup_names_the_driver_floor_of_pytorchs_builds(node):
+    result, _ = node(task("allatonce.yaml")["setup"], driver="470.256.02")
     assert result.stderr.strip().splitlines() == [
         "error: the NVIDIA driver 470.256.02 is too old for PyTorch's CUDA builds (525 or newer): "
         "pick an image with a newer driver (resources.image_id) or another GPU in resources.ordered"]
-
-    for _ in range(2):  # after the install, and again when setup finds it up to date
-        result, lines = node(task(name)["setup"], driver="535.183.01", torch_sees_gpu=False)
-        assert result.returncode != 0
-        [message] = result.stderr.strip().splitlines()
-        assert message.startswith("error: nvidia-smi sees a GPU (driver 535.183.01) and torch "
-                                  "cannot use it (2.14.1+cu130 built for CUDA 13.0)")
 
 
 @pytest.mark.parametrize("name", ["allatonce.yaml", "service.yaml"])
@@ -337,14 +424,47 @@ def test_setup_takes_python_from_conda_when_the_image_has_an_old_one(node, name)
     assert result.returncode == 0 and installs(lines) == [] and not lines
 
 
-def test_service_setup_installs_pinned_vllm_once(node):
+SERVING_TORCH = {"version": "2.14.0+cu130", "cuda": "13.0", "archs": CU130_ARCHS}
+
+
+@pytest.mark.parametrize("driver, capability", [(None, None), ("580.95.05", "8.9"), ("590.44.01", "9.0"),
+                                                ("580.95.05", "7.5")])
+def test_service_setup_installs_vllm_with_its_own_torch_from_pypi_once(node, driver, capability):
     setup = task("service.yaml")["setup"]
-    result, lines = node(setup)
+    torch = {**SERVING_TORCH, "capability": [int(part) for part in (capability or "8.9").split(".")]}
+    result, lines = node(setup, driver=driver, capability=capability, torch=torch)
     assert result.returncode == 0, result.stderr
-    [packages] = installs(lines)
-    packages = packages.split(" ", 2)[2]  # after --extra-index-url URL
-    assert re.search(r"\bvllm==\d", packages) and all("==" in p for p in packages.split())
-    assert installs(node(setup)[1]) == []
+    # no torch of PyTorch's indexes beside it: vLLM's wheel is built against the torch it pins
+    assert installs(lines) == [SERVICE_PACKAGES]
+    assert gpu_checks(lines) == ([f"{driver} {VLLM_KERNELS}"] if driver else [])
+    result, lines = node(setup, driver=driver, capability=capability, torch=torch)
+    assert result.returncode == 0 and installs(lines) == []
+    assert gpu_checks(lines) == ([f"{driver} {VLLM_KERNELS}"] if driver else [])
+
+
+@pytest.mark.parametrize("driver, capability", [
+    ("575.57.08", "8.9"), ("535.183.01", "8.6"), ("525.60.13", "8.0"),  # CUDA 12 drivers
+    ("580.95.05", "7.0"),  # a V100: vLLM and torch's CUDA 13 build start at 7.5
+    ("470.256.02", "8.0")])
+def test_service_setup_refuses_in_one_line_a_node_that_cannot_run_cuda_13(node, driver, capability):
+    result, lines = node(task("service.yaml")["setup"], driver=driver, capability=capability)
+    assert result.returncode != 0 and installs(lines) == []
+    assert result.stderr.strip().splitlines() == [
+        "error: vLLM 0.33.0 is built for CUDA 13, which needs an NVIDIA driver 580 or newer and a GPU "
+        f"of compute capability 7.5 or more; this node has driver {driver} and compute capability "
+        f"{capability}: pick an image with a newer driver (resources.image_id) or another GPU in "
+        "resources.ordered"]
+
+
+def test_service_setup_refuses_in_one_line_vllm_kernels_that_do_not_load(node):
+    torch = {**SERVING_TORCH, "kernels_load": False}
+    for _ in range(2):  # after the install, and again when setup finds it up to date
+        result, _ = node(task("service.yaml")["setup"], driver="580.95.05", torch=torch)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == [
+            f"error: {VLLM_KERNELS} does not load beside torch 2.14.0+cu130 built for CUDA 13.0 "
+            "(ImportError: libcudart.so.13: cannot open shared object file: No such file or "
+            "directory): remove the venv and rerun setup"]
 
 
 # ---------------------------------------------------------------- run blocks
@@ -429,50 +549,119 @@ def test_one_node_with_one_gpu_trains_without_torchrun(fake_steps):
 @pytest.fixture
 def replica(tmp_path, s3):
     """A pretend replica: the project's venv (its aws CLI) as ~/venv-serve, a stand-in vllm
-    that logs its arguments and the files it was given, and the service's settings."""
+    that logs its arguments and the key it was given, the service's settings, and a bucket that
+    the test fills with a base model and runs."""
     home, work = tmp_path / "home", tmp_path / "work"
     work.mkdir()
     venv = home / "venv-serve"
     write_script(venv / "bin" / "vllm", f'echo "vllm $*" > {tmp_path}/vllm.log; '
-                 f'echo "key $VLLM_API_KEY" >> {tmp_path}/vllm.log; ls -R fused >> {tmp_path}/vllm.log\n')
+                 f'echo "key $VLLM_API_KEY" >> {tmp_path}/vllm.log\n')
     (venv / "bin" / "activate").write_text(f'export PATH="{venv}/bin:{ROOT}/.venv/bin:$PATH"\n')
     (venv / "aws-config").write_text("[default]\ns3 =\n  addressing_style = path\n")  # loopback
     envs = {k: str(v) for k, v in task("service.yaml")["envs"].items() if v is not None}
     client = boto3.client("s3", endpoint_url=s3["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
                           aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
 
-    def run(complete, api_key=SERVE_KEY, run_name=""):
-        env = {"PATH": os.environ["PATH"], "HOME": str(home), **envs, **s3,
-               "SERVE_API_KEY": api_key, "RUN_NAME": run_name}
+    def put(key, body):
+        client.put_object(Bucket=TEST_BUCKET, Key=key, Body=body if isinstance(body, bytes) else body.encode())
+
+    def put_base(model_type="qwen2"):
+        base = f"models/{envs['MODEL_NAME']}"
+        put(f"{base}/config.json", json.dumps({"model_type": model_type}))
+        put(f"{base}/model.safetensors", "base weights")
+        put(f"{base}/tokenizer_config.json", "the base's tokenizer")
+        put(f"{base}/_manifest.json", json.dumps({"complete": True}))
+
+    def put_run(run_name="", complete=True, model_type="qwen2", rank=16):
         done = f"done/{envs['MODEL_NAME']}/{envs['DATASET_NAME']}" + (f"/{run_name}" if run_name else "")
-        client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/_manifest.json",
-                          Body=json.dumps({"complete": complete}).encode())
-        for name in ("config.json", "model.safetensors"):
-            client.put_object(Bucket=TEST_BUCKET, Key=f"{done}/fused/{name}", Body=f"{run_name}/{name}".encode())
+        put(f"{done}/_manifest.json", json.dumps({"complete": complete}))
+        put(f"{done}/fused/config.json", json.dumps({"model_type": model_type}))
+        put(f"{done}/fused/model.safetensors", f"{run_name}/model.safetensors")
+        put(f"{done}/lora_model/adapter_config.json", json.dumps({"r": rank, "rank_pattern": {}}))
+        put(f"{done}/lora_model/adapter_model.safetensors", f"{run_name}/adapter")
+        put(f"{done}/lora_model/tokenizer_config.json", "the runs' tokenizer")
+        put(f"{done}/lora_model/generation_config.json", "the runs' stops")
+
+    def serve(api_key=SERVE_KEY, **settings):
+        env = {"PATH": os.environ["PATH"], "HOME": str(home), **envs, **s3, "SERVE_API_KEY": api_key,
+               **settings}
         result = subprocess.run(["bash", "-c", task("service.yaml")["run"]], cwd=work, env=env,
                                 capture_output=True, text=True, timeout=120)
         log = tmp_path / "vllm.log"
-        return result, log.read_text() if log.exists() else None
+        return result, log.read_text().splitlines() if log.exists() else None
 
-    run.work = work
-    return run
+    return SimpleNamespace(work=work, put_base=put_base, put_run=put_run, serve=serve)
 
 
 SERVE_KEY = "serve-key-7d1e5a"
+VLLM = "vllm serve ./model --host 0.0.0.0 --port 8000 --max-model-len 4096"
+HERMES = "--enable-auto-tool-choice --tool-call-parser hermes"
 
 
 @pytest.mark.parametrize("run_name", ["", "lr-1e-4"])
 def test_the_service_pulls_the_fused_model_and_serves_it_behind_its_key(replica, run_name):
-    result, vllm = replica(complete=True, run_name=run_name)
+    replica.put_run(run_name)
+    result, vllm = replica.serve(RUN_NAME=run_name)
     assert result.returncode == 0, result.stderr
-    assert vllm.splitlines()[:2] == ["vllm serve ./fused --served-model-name finetuned --host 0.0.0.0 "
-                                     "--port 8000 --max-model-len 4096", f"key {SERVE_KEY}"]
-    assert (replica.work / "fused" / "model.safetensors").read_bytes() == f"{run_name}/model.safetensors".encode()
+    assert vllm == [f"{VLLM} --served-model-name finetuned {HERMES}", f"key {SERVE_KEY}"]
+    assert (replica.work / "model" / "model.safetensors").read_bytes() == f"{run_name}/model.safetensors".encode()
     assert FAKE_SECRET not in result.stdout + result.stderr and SERVE_KEY not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("model_type, parser", [("qwen2", "hermes"), ("qwen3", "hermes"),
+                                                ("llama", "llama3_json"), ("mistral", "mistral")])
+def test_the_service_returns_tool_calls_with_the_parser_of_the_models_family(replica, model_type, parser):
+    replica.put_run(model_type=model_type)
+    result, vllm = replica.serve()
+    assert result.returncode == 0, result.stderr
+    assert vllm[0].endswith(f" --enable-auto-tool-choice --tool-call-parser {parser}")
+
+
+def test_tool_call_parser_can_be_named_or_turned_off(replica):
+    replica.put_run(model_type="gpt2")  # no parser known for it
+    result, vllm = replica.serve()
+    assert result.returncode == 0, result.stderr
+    assert vllm[0] == f"{VLLM} --served-model-name finetuned"
+    assert "no tool-call parser is known for model_type 'gpt2'" in result.stdout
+    result, vllm = replica.serve(TOOL_CALL_PARSER="pythonic")
+    assert vllm[0] == f"{VLLM} --served-model-name finetuned --enable-auto-tool-choice --tool-call-parser pythonic"
+    replica.put_run(model_type="qwen2")
+    result, vllm = replica.serve(TOOL_CALL_PARSER="none")
+    assert vllm[0] == f"{VLLM} --served-model-name finetuned"
+
+
+@pytest.mark.parametrize("run_name, served", [("", ""), ("lr-1e-4", "lr-1e-4/")])
+def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_name(replica, run_name, served):
+    replica.put_base()
+    replica.put_run("", rank=16)
+    replica.put_run("lr-1e-4", rank=24)
+    replica.put_run("lr-3e-4", complete=False, rank=64)  # still training: not served
+    result, vllm = replica.serve(ADAPTERS="1", RUN_NAME=run_name)
+    assert result.returncode == 0, result.stderr
+    runs = replica.work / "runs"
+    assert vllm[0] == (f"{VLLM} --served-model-name Qwen/Qwen2.5-0.5B --enable-lora --max-lora-rank 32 "
+                       f"--max-loras 2 --lora-modules lr-1e-4={runs}/lr-1e-4/lora_model "
+                       f"finetuned={runs}/{served}lora_model {HERMES}")
+    # the bucket's base, with the runs' tokenizer and generation config, as in their fused/
+    model = replica.work / "model"
+    assert (model / "model.safetensors").read_text() == "base weights"
+    assert (model / "tokenizer_config.json").read_text() == "the runs' tokenizer"
+    assert (model / "generation_config.json").read_text() == "the runs' stops"
+    assert not list(model.glob("adapter_*"))
+
+
+def test_with_adapters_a_rank_above_what_vllm_takes_is_refused_in_one_line(replica):
+    replica.put_base()
+    replica.put_run("", rank=1024)
+    result, vllm = replica.serve(ADAPTERS="1")
+    assert result.returncode != 0 and vllm is None
+    assert result.stderr.strip() == ("error: LoRA rank 1024 is above vLLM's largest, 512: serve the fused "
+                                     "models (ADAPTERS=0)")
+
+
 def test_the_service_refuses_to_serve_without_a_key(replica):
-    result, vllm = replica(complete=True, api_key="")
+    replica.put_run()
+    result, vllm = replica.serve(api_key="")
     assert result.returncode != 0 and vllm is None
     assert result.stderr.strip() == ("error: SERVE_API_KEY is not set: give the endpoint a key (in "
                                      ".secrets, or --secret SERVE_API_KEY)")
@@ -484,6 +673,7 @@ def test_the_probe_sends_the_key():
 
 
 def test_the_service_refuses_an_unfinished_model(replica):
-    result, vllm = replica(complete=False)
+    replica.put_run(complete=False)
+    result, vllm = replica.serve()
     assert result.returncode != 0 and vllm is None
     assert "training has not finished" in result.stderr
