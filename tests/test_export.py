@@ -348,7 +348,8 @@ def test_an_end_of_turn_of_several_tokens_stops_as_a_stop_string(tiny_model, cap
     assert len(tokenizer.encode("</s>", add_special_tokens=False)) > 1
     assert config.stop_strings == ["</s>"]
     assert config.eos_token_id == [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    assert "'</s>' is" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "'</s>' is" in out and 'vLLM reads only eos_token_id' in out and '"stop": ["</s>"]' in out
 
 
 # ---------------------------------------------------------------- the step

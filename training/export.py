@@ -116,8 +116,9 @@ def generation_config(model_dir, tokenizer, end_of_turn):
     ids = tokenizer.encode(end_of_turn, add_special_tokens=False) if end_of_turn else []
     stops = ids if len(ids) == 1 else []
     if len(ids) > 1:  # any one of its tokens alone must not stop generation
-        log(f"the end of turn {end_of_turn!r} is {len(ids)} tokens, not one: generation stops at "
-            "it as a stop string (stop_strings)")
+        log(f"the end of turn {end_of_turn!r} is {len(ids)} tokens, not one: transformers stops at "
+            "it as a stop string (stop_strings); vLLM reads only eos_token_id, so requests to the "
+            f"served model must send \"stop\": [{json.dumps(end_of_turn)}]")
         config.stop_strings = [end_of_turn]
     eos = config.eos_token_id
     for token in [tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])]:
