@@ -19,8 +19,9 @@ length is known before training starts: each shard's optimizer steps are counted
 lengths alone (the packing of TRL that training uses, run on lengths). Optimizer and schedule
 carry over from shard to shard through the checkpoint saved at the end of each shard. The
 evaluation loss on the held-out rows is measured before the first step, at every checkpoint
-and at the end. On one CUDA GPU with unsloth installed, unsloth trains; elsewhere transformers
-+ peft do; bf16 where the GPU computes it natively, fp16 with loss scaling on older GPUs, and
+and at the end. On one CUDA GPU the backend measured faster at the model's size trains
+(bench/gpu_train.py; else unsloth when installed); elsewhere transformers + peft do; bf16
+where the GPU computes it natively, fp16 with loss scaling on older GPUs, and
 LOAD_IN_4BIT trains on a 4-bit base (QLoRA). Checkpoints upload in the background.
 
 Under torchrun (several GPUs, several nodes) the processes train one model with DDP and
@@ -63,7 +64,8 @@ from training.merge import weights_files
 from training.processes import Ranks, RankView, Work, rank_sampler, shared_exactly
 from training.report import evaluation_summary, read_log, set_up_reporting
 from training.shards import Plan, UnitRecord, make_plan, position, prepare, prepared_shards, units
-from training.speed import describe, length_multiple, real_tokens, recorder
+from training.speed import (describe, length_multiple, measured_faster, read_config, real_tokens,
+                            recorder)
 
 SETTINGS = [
     Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
@@ -74,7 +76,8 @@ SETTINGS = [
             "checkpoints/ and done/<MODEL_NAME>/<DATASET_NAME>/<RUN_NAME>/, beside other runs (a "
             "sweep); unset: directly under <MODEL_NAME>/<DATASET_NAME>/"),
     Setting("TRAIN_BACKEND", "auto", "unsloth (one CUDA GPU), peft (transformers + peft, any "
-            "device) or auto: unsloth when one CUDA GPU and unsloth are there",
+            "device) or auto: on one CUDA GPU the backend bench/results/gpu_train.json measured "
+            "faster near the model's size, else unsloth when installed; peft elsewhere",
             choices=("auto", "unsloth", "peft")),
     Setting("TRAIN_DEVICE", "auto", "auto: the GPU when torch can use one, and an error, never a "
             "CPU run, when an NVIDIA GPU is there that torch cannot use; cpu: the CPU, even "
@@ -145,7 +148,7 @@ def main():
         return
     work = Work(settings, ranks)
     if not plan.complete:
-        backend = choose_backend(settings, ranks, plan)
+        backend = choose_backend(settings, ranks, plan, model_dir)
         plan = train(run, backend, model_dir, plan, work, ranks)
         if ranks.rank != 0:
             return
@@ -240,9 +243,10 @@ class Backend:
         return self.dtype == "float16"
 
 
-def decide(train_backend, capability, has_unsloth, has_bitsandbytes, world, load_in_4bit):
+def decide(train_backend, capability, has_unsloth, has_bitsandbytes, world, load_in_4bit, faster=None):
     """(backend, dtype, optimizer) for a GPU of this compute capability ((major, minor), None
-    without CUDA): unsloth on one GPU when installed, else transformers + peft; bf16 only where
+    without CUDA): unsloth on one GPU when installed, unless TRAIN_BACKEND=auto and the GPU
+    benchmark measured peft `faster` at this model's size, else transformers + peft; bf16 only where
     the GPU computes it natively (compute capability 8.0: A10G, L4, L40S, A100, H100), fp16 with
     loss scaling on older GPUs (T4, V100), fp32 on the CPU; 8-bit AdamW with bitsandbytes."""
     cuda = capability is not None
@@ -259,15 +263,17 @@ def decide(train_backend, capability, has_unsloth, has_bitsandbytes, world, load
         raise UserError("LOAD_IN_4BIT=1 needs a CUDA GPU and bitsandbytes"
                         + (" (pip install bitsandbytes)" if cuda else ", and this machine has no GPU")
                         + ": set LOAD_IN_4BIT=0 here")
-    name = "unsloth" if cuda and has_unsloth and world == 1 and train_backend != "peft" else "peft"
+    name = "unsloth" if cuda and has_unsloth and world == 1 and (
+        train_backend == "unsloth" or train_backend == "auto" and faster != "peft") else "peft"
     dtype = "float32" if not cuda else "bfloat16" if capability >= (8, 0) else "float16"
     return name, dtype, "adamw_8bit" if cuda and has_bitsandbytes else "adamw_torch"
 
 
-def choose_backend(settings, ranks, plan):
-    """The backend this machine trains with and its attention; unsloth is imported here, before
-    transformers, trl and peft, which it patches. A GPU that torch cannot use is an error, not a
-    CPU run."""
+def choose_backend(settings, ranks, plan, model_dir):
+    """The backend this machine trains with (TRAIN_BACKEND=auto on one GPU: the one the GPU
+    benchmark measured faster at this model's size, if it measured both) and its attention;
+    unsloth is imported here, before transformers, trl and peft, which it patches. A GPU that
+    torch cannot use is an error, not a CPU run."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -275,10 +281,14 @@ def choose_backend(settings, ranks, plan):
         unusable_gpu(torch)
     if not cuda and settings.train_device == "cuda":
         raise UserError("TRAIN_DEVICE=cuda and this machine has no GPU: use TRAIN_DEVICE=auto here")
+    faster = why = None
+    if cuda and ranks.world == 1 and settings.train_backend == "auto":
+        faster, why = measured_faster(read_config(model_dir), settings.load_in_4bit, settings.packing)
+        log(f"TRAIN_BACKEND=auto: {why}" + ("" if faster else ": unsloth when it is installed"))
     name, dtype, optim = decide(
         settings.train_backend, torch.cuda.get_device_capability() if cuda else None,
         importlib.util.find_spec("unsloth") is not None,
-        importlib.util.find_spec("bitsandbytes") is not None, ranks.world, settings.load_in_4bit)
+        importlib.util.find_spec("bitsandbytes") is not None, ranks.world, settings.load_in_4bit, faster)
     if plan.optim not in (None, optim):
         raise UserError(f"the checkpoints of this run hold {plan.optim} optimizer state and this "
                         f"machine trains with {optim}: resume on the same kind of machine, or "
@@ -289,7 +299,7 @@ def choose_backend(settings, ranks, plan):
                         "nodes and GPUs, or rerun with REBUILD=dotrain to start over")
     if name == "unsloth":
         import unsloth  # noqa: F401
-    elif cuda and settings.train_backend == "auto":
+    elif cuda and settings.train_backend == "auto" and faster != "peft":
         log("unsloth is not installed: training with transformers + peft" if ranks.world == 1 else
             f"{ranks.world} processes: training with transformers + peft under DDP")
     # Packed, padding-free batches are exact with SDPA and FlexAttention too, as long as no KV

@@ -1,13 +1,19 @@
 """How fast a run trains: the model FLOPs of a token, the GPUs' peak arithmetic and the run's
 model FLOPs utilization (MFU), batch lengths rounded up so that a run meets few shapes, the real
-(non-padding) tokens of a batch, and what each run reports of its speed.
+(non-padding) tokens of a batch, what each run reports of its speed, and the backend that trained
+faster in the GPU benchmark at a model's size (TRAIN_BACKEND=auto chooses by it).
 """
 
+import json
 import math
+import os
 import re
 import statistics
 
 SHAPES = 16  # a run's batches take at most this many lengths
+MEASURED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
+                        "gpu_train.json")
+COVERS = 2.0  # a measurement speaks for models within this factor of its size
 # Dense (no sparsity) tensor-core peak in FLOP/s, bf16 (fp16 on T4 and V100, which have no bf16),
 # from the vendors' datasheets; the A10G is taken as the A10 (AWS publishes no figure of its own).
 # A GPU's name (torch.cuda.get_device_name) matches the first entry it contains as a word.
@@ -20,6 +26,11 @@ def peak_flops(gpu_name):
     """The GPU's dense bf16 (fp16) peak FLOP/s, None for a GPU not in PEAK_FLOPS or no GPU."""
     return next((peak for name, peak in PEAK_FLOPS.items()
                  if gpu_name and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", gpu_name)), None)
+
+
+def read_config(model_dir):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f)
 
 
 def matmul_params(config):
@@ -127,3 +138,31 @@ def summary(steps, entry):
                        entry.get("gpus") or 1),
             "distinct_shapes": max((step.get("shapes") or 0 for step in steps), default=0),
             **{key: entry.get(key) for key in ("attention", "gpu", "gpus", "peak_flops")}}
+
+
+def measured_faster(config, load_in_4bit, packing, results=MEASURED):
+    """(the backend that trained more tokens a second on one GPU at this model's size, why), from
+    the GPU benchmark's results (bench/gpu_train.py): the measured size nearest to this model's
+    matmul_params within a factor COVERS, with the same LOAD_IN_4BIT and PACKING, both backends
+    measured. (None, why) when no measurement covers it."""
+    size = matmul_params(config)
+    try:
+        with open(results) as f:
+            measured = json.load(f)
+    except (OSError, ValueError):
+        return None, f"no GPU training measurements ({os.path.relpath(results)} is missing or unreadable)"
+    runs = [run for run in measured.get("runs", {}).values()
+            if run.get("tokens_per_second") and run.get("params") and run.get("packing") == packing
+            and bool(run.get("load_in_4bit")) == load_in_4bit
+            and max(run["params"], size) / min(run["params"], size) <= COVERS]
+    if runs:
+        nearest = min(runs, key=lambda run: abs(math.log(run["params"] / size)))["params"]
+        speeds = {run["backend"]: run["tokens_per_second"] for run in runs if run["params"] == nearest}
+        if len(speeds) == 2:
+            faster, slower = sorted(speeds, key=speeds.get, reverse=True)
+            return faster, (f"{faster} trained {speeds[faster]:,} tokens/s and {slower} {speeds[slower]:,} "
+                            f"at {nearest / 1e9:.2f}B matmul parameters on an {measured['machine']['gpu']} "
+                            f"({measured['date'][:10]}, {os.path.relpath(results)})")
+    return None, (f"no measurement of both backends within {COVERS:g}x of this model's "
+                  f"{size / 1e9:.2f}B matmul parameters{', 4-bit' if load_in_4bit else ''} "
+                  f"({os.path.relpath(results)})")
