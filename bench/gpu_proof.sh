@@ -26,6 +26,7 @@
 #
 # PARTS="gpu_train peft ..." runs only those of 4 to 8, in that order (1 to 3 always run);
 # EXTRA_SETTINGS="MAX_STEPS=4 ..." changes the runs' settings; KILL=0 runs them once, unkilled.
+# GPU_TRAIN_ARGS="--budget 360" replaces 6's arguments, GPU_TRAIN_LIMIT=400 its seconds (200).
 #
 # Each part runs on its own with a time limit, all of them within PROOF_BUDGET seconds: a part
 # that fails prints the tail of its log and the next one runs. Results go to $OUT (default
@@ -383,7 +384,7 @@ for name in ${PARTS:-unsloth peft gpu_train fp16 qlora}; do
     *" unsloth") part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}" ;;
     *" peft") part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}" ;;
     "1 "*) note "$name" skipped "GPU_PROOF_SMOKE=1" ;;
-    *" gpu_train") part gpu_train gpu_train.log 200 gpu_train ;;
+    *" gpu_train") part gpu_train gpu_train.log "${GPU_TRAIN_LIMIT:-200}" gpu_train ;;
     *" fp16") part fp16 extra.log 60 fp16 ;;
     *" qlora") part qlora extra.log 150 qlora ;;
   esac
