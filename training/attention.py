@@ -53,7 +53,7 @@ def unsloth_attention():
         from torch.nn.attention.varlen import varlen_attn
 
         varlen = {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
-    except ImportError:
+    except (ImportError, TypeError, ValueError):  # no varlen kernel, or none unsloth can take
         varlen = False
     varlen = varlen and torch.cuda.get_device_capability() >= (8, 0)
     return "unsloth torch varlen flash" if varlen else "unsloth sdpa row by row"
