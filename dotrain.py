@@ -19,8 +19,9 @@ length is known before training starts: each shard's optimizer steps are counted
 lengths alone (the packing of TRL that training uses, run on lengths). Optimizer and schedule
 carry over from shard to shard through the checkpoint saved at the end of each shard. The
 evaluation loss on the held-out rows is measured before the first step, at every checkpoint
-and at the end. On one CUDA GPU with unsloth installed, unsloth trains; elsewhere transformers
-+ peft do; bf16 where the GPU computes it natively, fp16 with loss scaling on older GPUs, and
+and at the end. On one CUDA GPU the backend measured faster at the model's size trains
+(bench/gpu_train.py; else unsloth when installed); elsewhere transformers + peft do; bf16
+where the GPU computes it natively, fp16 with loss scaling on older GPUs, and
 LOAD_IN_4BIT trains on a 4-bit base (QLoRA). Checkpoints upload in the background.
 
 Under torchrun (several GPUs, several nodes) the processes train one model with DDP and
@@ -55,13 +56,16 @@ from common import (MODEL_CACHE_SETTING, NOT_TRAINED, Setting, UserError, abort_
                     model_fingerprint, model_prefix, model_ready_prefix, open_bucket, parse_settings,
                     read_manifest, read_parquet_batches, require_complete, resume_or_start,
                     run as run_step, same_inputs, with_rebuild, write_manifest)
+from training.attention import choose as choose_attention
 from training.checkpoints import (UNNAMED_RUN_FILES, Uploads, checkpoint_saved, fetch_checkpoint,
                                   owned_by_unnamed_run, pointer_at, resume_point)
 from training.export import export
 from training.merge import weights_files
 from training.processes import Ranks, RankView, Work, rank_sampler, shared_exactly
 from training.report import evaluation_summary, read_log, set_up_reporting
-from training.shards import Plan, UnitRecord, make_plan, position, prepared_shards, units
+from training.shards import Plan, UnitRecord, make_plan, position, prepare, prepared_shards, units
+from training.speed import (describe, length_multiple, measured_faster, read_config, real_tokens,
+                            recorder)
 
 SETTINGS = [
     Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
@@ -72,7 +76,8 @@ SETTINGS = [
             "checkpoints/ and done/<MODEL_NAME>/<DATASET_NAME>/<RUN_NAME>/, beside other runs (a "
             "sweep); unset: directly under <MODEL_NAME>/<DATASET_NAME>/"),
     Setting("TRAIN_BACKEND", "auto", "unsloth (one CUDA GPU), peft (transformers + peft, any "
-            "device) or auto: unsloth when one CUDA GPU and unsloth are there",
+            "device) or auto: on one CUDA GPU the backend bench/results/gpu_train.json measured "
+            "faster near the model's size, else unsloth when installed; peft elsewhere",
             choices=("auto", "unsloth", "peft")),
     Setting("TRAIN_DEVICE", "auto", "auto: the GPU when torch can use one, and an error, never a "
             "CPU run, when an NVIDIA GPU is there that torch cannot use; cpu: the CPU, even "
@@ -118,7 +123,7 @@ SETTINGS = [
             "user message answered greedily by the fused model as a smoke test"),
     MODEL_CACHE_SETTING,
 ]
-CODE_VERSION = "dotrain/2"  # bump when a change alters what training produces
+CODE_VERSION = "dotrain/3"  # bump when a change alters what training produces
 
 
 def main():
@@ -143,7 +148,7 @@ def main():
         return
     work = Work(settings, ranks)
     if not plan.complete:
-        backend = choose_backend(settings, ranks, plan)
+        backend = choose_backend(settings, ranks, plan, model_dir)
         plan = train(run, backend, model_dir, plan, work, ranks)
         if ranks.rank != 0:
             return
@@ -227,6 +232,7 @@ class Backend:
     optim: str
     load_in_4bit: bool = False
     trainer_class: type = None
+    attention: str = "sdpa"  # what keeps packed rows apart (training.attention)
 
     @property
     def bf16(self):
@@ -237,9 +243,10 @@ class Backend:
         return self.dtype == "float16"
 
 
-def decide(train_backend, capability, has_unsloth, has_bitsandbytes, world, load_in_4bit):
+def decide(train_backend, capability, has_unsloth, has_bitsandbytes, world, load_in_4bit, faster=None):
     """(backend, dtype, optimizer) for a GPU of this compute capability ((major, minor), None
-    without CUDA): unsloth on one GPU when installed, else transformers + peft; bf16 only where
+    without CUDA): unsloth on one GPU when installed, unless TRAIN_BACKEND=auto and the GPU
+    benchmark measured peft `faster` at this model's size, else transformers + peft; bf16 only where
     the GPU computes it natively (compute capability 8.0: A10G, L4, L40S, A100, H100), fp16 with
     loss scaling on older GPUs (T4, V100), fp32 on the CPU; 8-bit AdamW with bitsandbytes."""
     cuda = capability is not None
@@ -256,14 +263,17 @@ def decide(train_backend, capability, has_unsloth, has_bitsandbytes, world, load
         raise UserError("LOAD_IN_4BIT=1 needs a CUDA GPU and bitsandbytes"
                         + (" (pip install bitsandbytes)" if cuda else ", and this machine has no GPU")
                         + ": set LOAD_IN_4BIT=0 here")
-    name = "unsloth" if cuda and has_unsloth and world == 1 and train_backend != "peft" else "peft"
+    name = "unsloth" if cuda and has_unsloth and world == 1 and (
+        train_backend == "unsloth" or train_backend == "auto" and faster != "peft") else "peft"
     dtype = "float32" if not cuda else "bfloat16" if capability >= (8, 0) else "float16"
     return name, dtype, "adamw_8bit" if cuda and has_bitsandbytes else "adamw_torch"
 
 
-def choose_backend(settings, ranks, plan):
-    """The backend this machine trains with; unsloth is imported here, before transformers, trl
-    and peft, which it patches. A GPU that torch cannot use is an error, not a CPU run."""
+def choose_backend(settings, ranks, plan, model_dir):
+    """The backend this machine trains with (TRAIN_BACKEND=auto on one GPU: the one the GPU
+    benchmark measured faster at this model's size, if it measured both) and its attention;
+    unsloth is imported here, before transformers, trl and peft, which it patches. A GPU that
+    torch cannot use is an error, not a CPU run."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -271,10 +281,14 @@ def choose_backend(settings, ranks, plan):
         unusable_gpu(torch)
     if not cuda and settings.train_device == "cuda":
         raise UserError("TRAIN_DEVICE=cuda and this machine has no GPU: use TRAIN_DEVICE=auto here")
+    faster = why = None
+    if cuda and ranks.world == 1 and settings.train_backend == "auto":
+        faster, why = measured_faster(read_config(model_dir), settings.load_in_4bit, settings.packing)
+        log(f"TRAIN_BACKEND=auto: {why}" + ("" if faster else ": unsloth when it is installed"))
     name, dtype, optim = decide(
         settings.train_backend, torch.cuda.get_device_capability() if cuda else None,
         importlib.util.find_spec("unsloth") is not None,
-        importlib.util.find_spec("bitsandbytes") is not None, ranks.world, settings.load_in_4bit)
+        importlib.util.find_spec("bitsandbytes") is not None, ranks.world, settings.load_in_4bit, faster)
     if plan.optim not in (None, optim):
         raise UserError(f"the checkpoints of this run hold {plan.optim} optimizer state and this "
                         f"machine trains with {optim}: resume on the same kind of machine, or "
@@ -285,18 +299,20 @@ def choose_backend(settings, ranks, plan):
                         "nodes and GPUs, or rerun with REBUILD=dotrain to start over")
     if name == "unsloth":
         import unsloth  # noqa: F401
-    elif cuda and settings.train_backend == "auto":
+    elif cuda and settings.train_backend == "auto" and faster != "peft":
         log("unsloth is not installed: training with transformers + peft" if ranks.world == 1 else
             f"{ranks.world} processes: training with transformers + peft under DDP")
-    # Packed, padding-free batches are exact with SDPA too, as long as no KV cache is built
-    # (compute_loss passes use_cache=False; the tests check it): TRL's warning does not apply.
+    # Packed, padding-free batches are exact with SDPA and FlexAttention too, as long as no KV
+    # cache is built (compute_loss passes use_cache=False; the tests check it): TRL's warning
+    # does not apply.
     logging.getLogger("trl.trainer.sft_trainer").addFilter(
         lambda record: "Flash Attention variant" not in record.getMessage())
     backend = Backend(name, "cuda" if cuda else "cpu", dtype, optim, settings.load_in_4bit)
     backend.trainer_class = shard_trainer_class(backend, ranks)
+    backend.attention = choose_attention(name, cuda)
     gpu = f" ({torch.cuda.get_device_name()})" if cuda else ""
     log(f"backend: {name} on {backend.device}{gpu}, {dtype}"
-        f"{', 4-bit base' if settings.load_in_4bit else ''}, {optim}")
+        f"{', 4-bit base' if settings.load_in_4bit else ''}, {optim}, attention: {backend.attention}")
     return backend
 
 
@@ -335,6 +351,8 @@ def train(run, backend, model_dir, plan, work, ranks):
     set_up_reporting(settings, bucket.url(run.checkpoints), plan.inputs, work.trainer)
     held_out = held_out_rows(bucket, run.data_prefix, run.data)
     model, tokenizer = load_for_training(settings, backend, model_dir, ranks)
+    held_out_batches = evaluation_batches(held_out, settings, tokenizer, ranks)
+    how = describe(model.config.to_dict(), backend, ranks.world, plan)
     pointer = ranks.from_rank_0(lambda: resume_point(bucket, run.checkpoints))
     step, total = pointer["step"] if pointer else 0, plan.total_steps
     records = {number: UnitRecord(**record) for number, record in (pointer or {}).get("shards_io", {}).items()}
@@ -371,7 +389,7 @@ def train(run, backend, model_dir, plan, work, ranks):
             pointer_of = lambda at: pointer_at(plan, at, seconds(), backend, records)  # noqa: E731
             callbacks = [unit_end(ranks, end, end == start + steps, record, view, done),
                          checkpoint_saved(bucket, run.checkpoints, ranks, uploads, pointer_of, record),
-                         evaluation(held_out, ranks)]
+                         evaluation(held_out_batches, len(held_out), ranks, backend), recorder(how)]
             trainer = make_trainer(settings, backend, model, tokenizer, sequences, work, total, callbacks)
             trainer.train_dataset, trainer.shard, trainer.seconds = view, index, seconds
             log(f"epoch {epoch}, shard {index} ({plan.shards[index]['path']}): steps {step + 1}..{end}")
@@ -443,8 +461,8 @@ def load_for_training(settings, backend, model_dir, ranks):
         where["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa",
-                                                 **where)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
+                                                 attn_implementation=backend.attention, **where)
     if backend.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     targets = lora_targets(model, settings.lora_targets)
@@ -467,9 +485,12 @@ def lora_targets(model, setting):
 
 
 def shard_trainer_class(backend, ranks=Ranks()):
-    """TRL's SFTTrainer (unsloth's when unsloth is imported) that also logs, at each logging
-    step, the shard, the tokens per second since the last log and the training time so far.
-    Under DDP each rank takes its own batches of the shard (training.processes.rank_sampler)."""
+    """TRL's SFTTrainer (unsloth's when unsloth is imported) that counts only the real tokens of
+    its padded batches and also logs, at each logging step, the shard, the tokens per second
+    since the last log, the training time so far, the time left at the run's pace so far and the
+    batch shapes this process met. Under DDP each rank takes its own batches of the shard
+    (training.processes.rank_sampler)."""
+    import torch
     import transformers
     from trl import SFTTrainer
 
@@ -477,12 +498,13 @@ def shard_trainer_class(backend, ranks=Ranks()):
         shard = None  # the index of the shard being trained
         seconds = None  # () -> training seconds of the whole run so far
         last_log = None  # (time, tokens seen) at the previous log of this process
+        shapes = set()  # the batch shapes this process met (every shard's trainer adds to it)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if backend.name == "unsloth":
+            if backend.device == "cuda":  # TRL's fused LM head (unsloth's loss): no full logits
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # trl 1.15's own loss calls a kernel that CPU torch lacks; transformers' gives the
-            # same numbers.
+            # trl 1.15's own loss calls a Triton kernel that CPU torch lacks; transformers' gives
+            # the same numbers.
             return transformers.Trainer.compute_loss(self, model, {**inputs, "use_cache": False},
                                                      return_outputs, num_items_in_batch)
 
@@ -502,12 +524,20 @@ def shard_trainer_class(backend, ranks=Ranks()):
                 return super()._get_train_sampler(train_dataset)
             return rank_sampler(len(self.train_dataset), self.args.per_device_train_batch_size, ranks)
 
+        def _track_num_input_tokens(self, inputs):
+            self.shapes.add(tuple(inputs["input_ids"].shape))
+            tokens = real_tokens(inputs).to(self.args.device, dtype=torch.int64)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(tokens).sum())
+
         def log(self, logs, start_time=None):
             if "loss" in logs and start_time is not None:
-                now, seen = time.time(), self.state.num_input_tokens_seen
+                now, seen, step = time.time(), self.state.num_input_tokens_seen, self.state.global_step
                 since, seen_then = self.last_log or (start_time, self._initial_num_input_tokens_seen)
-                logs.update(shard=self.shard, seconds=round(self.seconds(), 3),
-                            tokens_per_second=round((seen - seen_then) / max(now - since, 1e-6), 1))
+                seconds = self.seconds()
+                logs.update(shard=self.shard, seconds=round(seconds, 3),
+                            tokens_per_second=round((seen - seen_then) / max(now - since, 1e-6), 1),
+                            seconds_left=round(seconds / max(step, 1) * (self.state.max_steps - step)),
+                            shapes=len(self.shapes))
                 self.last_log = (now, seen)
             super().log(logs, start_time)
 
@@ -530,12 +560,13 @@ def make_trainer(settings, backend, model, tokenizer, dataset, work, max_steps, 
         # unsloth checkpoints gradients itself; on CPU the models are small and time matters more
         gradient_checkpointing=backend.name == "peft" and backend.device == "cuda",
         max_length=settings.max_seq_length, packing=settings.packing, packing_strategy="bfd",
+        pad_to_multiple_of=length_multiple(settings),  # a few batch shapes (training.speed)
         dataset_kwargs={"skip_prepare_dataset": True},
         max_steps=max_steps, ignore_data_skip=True, train_sampling_strategy="sequential",
         save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
         save_on_each_node=True,  # (several nodes: every node resumes each shard from its own copy)
         logging_steps=settings.logging_steps,
-        include_num_input_tokens_seen="all" if settings.packing else "non_padding",
+        include_num_input_tokens_seen="non_padding",  # (ShardTrainer counts them)
         disable_tqdm=True)
     callbacks = [*callbacks, KeepScheduleOnStep()] if backend.fp16 else list(callbacks)
     return backend.trainer_class(model=model, args=config, train_dataset=dataset,
@@ -576,9 +607,10 @@ def unit_end(ranks, end, whole, record, sequences, done):
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluation(rows, ranks):
-    """The evaluation loss on the held-out rows, into the trainer's log history (and so into
-    every checkpoint): before the first step, and at every checkpoint the trainer saves."""
+def evaluation(batches, rows, ranks, backend):
+    """The evaluation loss on the `rows` held-out rows (this process's share of them batched in
+    `batches`), into the trainer's log history (and so into every checkpoint): before the first
+    step, and at every checkpoint the trainer saves."""
     from transformers import TrainerCallback
 
     class Evaluation(TrainerCallback):
@@ -592,17 +624,37 @@ def evaluation(rows, ranks):
 
         def evaluate(self, state, model):
             if rows:
-                loss = evaluation_loss(model, rows, ranks)
+                fused = backend.name == "peft" and backend.device == "cuda"
+                loss = evaluation_loss(model, batches, ranks, fused)
                 state.log_history.append({"step": state.global_step, "eval_loss": round(loss, 6)})
-                log(f"step {state.global_step}: evaluation loss {loss:.4f} ({len(rows)} held-out rows)")
+                log(f"step {state.global_step}: evaluation loss {loss:.4f} ({rows} held-out rows)")
 
     return Evaluation()
 
 
-def evaluation_loss(model, rows, ranks):
-    """Mean loss per trained token of the held-out rows, each row alone (no padding, no
-    packing); the processes share the rows and add up their sums: the same number whatever
-    their count."""
+def evaluation_batches(rows, settings, tokenizer, ranks):
+    """This process's share of the held-out rows (the processes share them), packed and batched
+    as training's: TRL's packing (training.shards.prepare), BATCH_SIZE sequences a batch, TRL's
+    collator padding to the same multiple of a length."""
+    import datasets
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    mine = rows[ranks.rank::ranks.world]
+    if not mine:
+        return []
+    datasets.disable_progress_bars()
+    sequences = prepare(datasets.Dataset.from_list(mine), settings.packing, settings.max_seq_length)
+    pad = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id  # as TRL's
+    collate = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=settings.packing,
+                                              pad_to_multiple_of=length_multiple(settings))
+    return [collate([sequences[i] for i in range(start, min(start + settings.batch_size, len(sequences)))])
+            for start in range(0, len(sequences), settings.batch_size)]
+
+
+def evaluation_loss(model, batches, ranks, fused=False):
+    """Mean loss per trained token of the held-out rows, in the batches training would make of
+    them (no row sees another); the processes add up their sums: the same number whatever their
+    count. `fused`: through TRL's fused LM head, without the full logits (peft on CUDA)."""
     import torch
 
     device = next(model.parameters()).device
@@ -610,12 +662,11 @@ def evaluation_loss(model, rows, ranks):
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for row in rows[ranks.rank::ranks.world]:
-            labels = torch.tensor([row["labels"]], device=device)
-            trained = int((labels[:, 1:] != NOT_TRAINED).sum())
+        for batch in batches:
+            trained = int((batch["labels"][:, 1:] != NOT_TRAINED).sum())
             if trained:
-                out = model(input_ids=torch.tensor([row["input_ids"]], device=device), labels=labels,
-                            use_cache=False)
+                out = model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False,
+                            **({"fused_lm_head": True} if fused else {}))
                 loss_sum, tokens = loss_sum + out.loss.float().item() * trained, tokens + trained
     model.train(was_training)
     sums = ranks.gather((loss_sum, tokens))

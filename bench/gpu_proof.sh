@@ -19,13 +19,14 @@
 #    once a checkpoint is named in latest.json, run it again (it resumes), and check the done
 #    manifest: complete, the merge check passed, the fused model generated;
 # 5. the same with TRAIN_BACKEND=peft into s3://proof/peft;
-# 6. bench/gpu_train.py: tokens/s and peak GPU memory, unsloth vs peft, packed vs padded,
-#    and a profile of two steps of each;
+# 6. bench/gpu_train.py: tokens/s, MFU and peak GPU memory, unsloth vs peft on the Qwen2.5-0.5B
+#    shape, with a profile of each (GPU_TRAIN_ARGS: other configurations, e.g. the 7B ones);
 # 7. the peft backend in fp16 with loss scaling (T4, V100), forced on this GPU;
 # 8. QLoRA (LOAD_IN_4BIT=1) with each backend, on the data of 4 and 5 (RUN_NAME=qlora).
 #
 # PARTS="gpu_train peft ..." runs only those of 4 to 8, in that order (1 to 3 always run);
 # EXTRA_SETTINGS="MAX_STEPS=4 ..." changes the runs' settings; KILL=0 runs them once, unkilled.
+# GPU_TRAIN_ARGS="--budget 360" replaces 6's arguments, GPU_TRAIN_LIMIT=400 its seconds (200).
 #
 # Each part runs on its own with a time limit, all of them within PROOF_BUDGET seconds: a part
 # that fails prints the tail of its log and the next one runs. Results go to $OUT (default
@@ -281,7 +282,7 @@ metrics = json.loads(bucket.get(f"{prefix}/metrics.json"))
 print(json.dumps({key: done.get(key) for key in ("complete", "rows", "total_steps", "tokens_seen",
                                                    "backend", "check", "eval_loss", "sample")}, indent=1))
 print("training:", {key: metrics[key] for key in ("device", "training_seconds", "trained_tokens",
-                                                  "work_dir_peak_bytes")},
+                                                  "work_dir_peak_bytes", "speed")},
       "tokens/s at each log:", [step["tokens_per_second"] for step in metrics["steps"]])
 for folder in ("lora_model", "fused"):
     print(f"{folder}/:", sorted(path.rsplit("/", 1)[-1]
@@ -355,7 +356,7 @@ PY
 }
 
 gpu_train() {
-  "$PYTHON" bench/gpu_train.py ${GPU_TRAIN_ARGS:---steps 5 --warmup 2 --rows 600 --timeout 75 --profile} \
+  "$PYTHON" bench/gpu_train.py ${GPU_TRAIN_ARGS:---configs peft_packed,unsloth_packed --budget 190} \
     --output "$OUT/gpu_train.json"
 }
 
@@ -383,7 +384,7 @@ for name in ${PARTS:-unsloth peft gpu_train fp16 qlora}; do
     *" unsloth") part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}" ;;
     *" peft") part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}" ;;
     "1 "*) note "$name" skipped "GPU_PROOF_SMOKE=1" ;;
-    *" gpu_train") part gpu_train gpu_train.log 200 gpu_train ;;
+    *" gpu_train") part gpu_train gpu_train.log "${GPU_TRAIN_LIMIT:-200}" gpu_train ;;
     *" fp16") part fp16 extra.log 60 fp16 ;;
     *" qlora") part qlora extra.log 150 qlora ;;
   esac

@@ -116,10 +116,14 @@ def gpu_train_rows(result):
     def figure(run):
         if "tokens_per_second" not in run:
             return run.get("skipped") or f"error: {run.get('error')}"
+        mfu = "MFU -" if run["mfu"] is None else f"MFU {run['mfu']:.1%}"
         return (f"{run['tokens_per_second']:,} tokens/s ({run['seconds_per_step']} s a step of "
-                f"{run['tokens_per_step']:,} tokens), peak {run['peak_memory_gib']} GiB, MFU "
-                f"{run['mfu']:.1%} (HFU {run['hfu']:.1%}), FineTome-100k epoch "
-                f"{run['finetome_epoch_minutes']} min")
+                f"{run['tokens_per_step']:,} tokens"
+                + (f", {run['fixed_seconds_per_step']} s of it fixed" if "fixed_seconds_per_step" in run else "")
+                + f"), peak {run['peak_memory_gib']} GiB, {mfu}"
+                + (f" (HFU {run['hfu']:.1%})" if "hfu" in run else "")
+                + (f", {run['distinct_shapes']} batch shapes, {run['attention']}" if "attention" in run else "")
+                + f", FineTome-100k epoch {run['finetome_epoch_minutes']} min")
 
     return [{"benchmark": f"train {name} on {gpu}", "figure": figure(run), "target": "-", "met": None}
             for name, run in result["runs"].items()]

@@ -1,8 +1,11 @@
 """dotrain.py on a tiny Qwen2 model with random weights and three small model-ready shards."""
 
+import importlib.util
 import json
 import math
+import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -12,7 +15,9 @@ from types import SimpleNamespace
 import boto3
 import pytest
 from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, run_step,
-                      start_step)
+                      start_step, step_env)
+
+from training.speed import SHAPES, length_multiple, model_flops_per_token
 
 sys.path.insert(0, str(ROOT / "demo"))
 MODEL, DATASET = "tiny/qwen2", "synthetic/colors"
@@ -299,6 +304,20 @@ def test_epochs_cosine_schedule_evaluations_and_tensorboard(local_bucket, inputs
     adapted = {key.split(".")[-3] for key in adapter}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert metrics["work_dir_peak_bytes"]["node 0"] > 0
+    # the run's speed: the median tokens/s of its logged steps, the model FLOPs of a token (rows of
+    # the data's mean length), no MFU without a GPU, the few batch shapes it met, its attention
+    speed = metrics["speed"]
+    bucket = Path(env["BUCKET_NAME"][len("file://"):])
+    config = json.loads((bucket / "models" / MODEL / "config.json").read_text())
+    mean_length = sum(shard["tokens"] for shard in done["shards"] if shard["epoch"] == 0) / done["rows"]
+    assert speed["model_flops_per_token"] == pytest.approx(
+        model_flops_per_token(config, (mean_length + 1) / 2))
+    assert speed["tokens_per_second"] == pytest.approx(
+        statistics.median(e["tokens_per_second"] for e in metrics["steps"]), abs=0.05)
+    assert 1 <= speed["distinct_shapes"] <= 2 * MAX_SEQ_LENGTH // length_multiple(SimpleNamespace(
+        max_seq_length=MAX_SEQ_LENGTH, batch_size=2, packing=True)) <= SHAPES
+    assert (speed["attention"], speed["gpu"], speed["gpus"], speed["mfu"]) == ("sdpa", None, 1, None)
+    assert "'seconds_left': 0," in result.stdout  # the time left, at every logged step
 
 
 def test_an_upload_removes_only_checkpoints_older_than_the_previous_one(tmp_path):
@@ -355,42 +374,179 @@ def test_unpacked_capped_run_on_a_local_bucket(local_bucket, inputs, tmp_path):
     assert json.loads(manifest.read_text()) == done
 
 
-def test_packed_loss_equals_unpacked_loss(inputs, tiny_model, tmp_path):
-    """Padding-free packing must not let sequences attend to each other (SDPA, no flash
-    attention): the trainer's loss on a packed batch equals the loss of its rows padded."""
+def shard_trainer(inputs, tiny_model, tmp_path, rows, attention="sdpa", **settings):
+    """dotrain's model (load_for_training), the first `rows` rows of the first shard packed as
+    training packs them (training.shards.prepare) and make_trainer's trainer of them, on the CPU:
+    (trainer, model, tokenizer, settings, rows)."""
     import datasets
+    import dotrain
+    from training.processes import Ranks
+    from training.shards import prepare
+
+    root, manifest = inputs
+    data = datasets.Dataset.from_parquet(
+        str(root / "model-ready" / MODEL / DATASET / manifest["shards"][0]["parts"][0]["path"]),
+        cache_dir=str(tmp_path / "cache")).select_columns(["input_ids", "labels"])
+    data = data.select(range(min(rows, len(data))))
+    settings = SimpleNamespace(**{
+        "seed": 0, "batch_size": 2, "grad_accum": 1, "learning_rate": 1e-3, "warmup_steps": 0,
+        "weight_decay": 0.0, "max_seq_length": 256, "packing": True, "save_steps": 10**6,
+        "logging_steps": 1, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_targets": "all-linear",
+        "lr_scheduler": "linear", "report_to": "none", **settings})
+    backend = dotrain.Backend("peft", "cpu", "float32", "adamw_torch", attention=attention)
+    backend.trainer_class = dotrain.shard_trainer_class(backend)
+    model, tokenizer = dotrain.load_for_training(settings, backend, str(tiny_model), Ranks())
+    trainer = dotrain.make_trainer(settings, backend, model, tokenizer,
+                                   prepare(data, settings.packing, settings.max_seq_length),
+                                   SimpleNamespace(trainer=str(tmp_path / "trainer")), max_steps=2)
+    return trainer, model, tokenizer, settings, data
+
+
+def lora_gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def random_lora_b(model):
+    """LoRA's B matrices start at 0, which would leave the A matrices without gradients."""
+    import torch
+
+    torch.manual_seed(0)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.05)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
+def test_a_packed_row_sees_only_itself(inputs, tiny_model, tmp_path, attention):
+    """The loss and the LoRA gradients of a packed, padded batch (dotrain's model, packing,
+    collator and loss) equal those of its rows run one by one: no row sees another, nor the
+    padding. For each attention dotrain trains with: SDPA with the dense block-diagonal mask
+    transformers builds from the position ids (the CPU, T4, V100), FlexAttention with a document
+    BlockMask (CUDA GPUs from compute capability 8.0), whose loss only is compared: it has no
+    backward on the CPU."""
+    import torch
+    from training.speed import real_tokens
+
+    trainer, model, *_ = shard_trainer(inputs, tiny_model, tmp_path, rows=16, attention=attention)
+    assert model.config._attn_implementation == attention
+    random_lora_b(model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    end = int(real_tokens(batch))
+    assert end < batch["input_ids"].shape[1]  # the batch holds padding
+    starts = [int(i) for i in (batch["position_ids"][0, :end] == 0).nonzero().flatten()] + [end]
+    assert len(starts) > 3  # several rows share the packed sequences
+    trained = int((batch["labels"][:, 1:] != -100).sum())
+    backward = attention != "flex_attention"
+    with torch.set_grad_enabled(backward):
+        model.zero_grad()
+        packed = trainer.compute_loss(model, batch, num_items_in_batch=trained)
+        if backward:
+            packed.backward()
+            packed_gradients = lora_gradients(model)
+            model.zero_grad()
+        alone = 0.0
+        for a, b in zip(starts, starts[1:]):
+            row = {"input_ids": batch["input_ids"][:, a:b], "labels": batch["labels"][:, a:b]}
+            loss = trainer.compute_loss(model, row, num_items_in_batch=trained)
+            if backward:
+                loss.backward()
+            alone += loss.item()
+    assert packed.item() == pytest.approx(alone, abs=1e-5)
+    if backward:
+        for name, gradient in lora_gradients(model).items():
+            torch.testing.assert_close(packed_gradients[name], gradient, atol=1e-6, rtol=1e-4)
+
+
+def test_batches_take_few_lengths_and_only_their_real_tokens_count(inputs, tiny_model, tmp_path):
+    """Packed batches are padded to a multiple of a length (training.speed.length_multiple), so
+    a run meets few shapes; the trainer counts the tokens of the rows, not the padding."""
+    from training.speed import SHAPES, length_multiple, real_tokens
+
+    trainer, _, _, settings, rows = shard_trainer(inputs, tiny_model, tmp_path, rows=60, max_seq_length=128)
+    batches = list(trainer.get_train_dataloader())
+    lengths = {batch["input_ids"].shape[1] for batch in batches}
+    multiple = length_multiple(settings)
+    assert multiple == 64 and all(length % multiple == 0 for length in lengths)
+    assert 1 < len(lengths) <= min(SHAPES, 2 * 128 // multiple)
+    assert sum(int(real_tokens(batch)) for batch in batches) == sum(len(ids) for ids in rows["input_ids"])
+    assert sum(batch["input_ids"].numel() for batch in batches) > sum(len(ids) for ids in rows["input_ids"])
+    trainer.shard, trainer.seconds = 0, lambda: 1.0  # (as dotrain's training sets them)
+    trainer.train()  # two steps of one batch
+    assert trainer.state.num_input_tokens_seen == sum(int(real_tokens(batch)) for batch in batches[:2])
+    assert trainer.shapes == {tuple(batch["input_ids"].shape) for batch in batches[:2]}
+
+
+def test_evaluation_batched_like_training_equals_row_by_row(inputs, tiny_model, tmp_path):
+    """The evaluation loss of rows packed and batched as training batches them equals the mean
+    loss a trained token of the rows run one by one; the processes' shares of the rows add up to
+    the same number."""
     import dotrain
     import torch
     from training.processes import Ranks
-    from training.shards import prepare
-    from transformers import AutoTokenizer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    root, manifest = inputs
-    dataset = datasets.Dataset.from_parquet(
-        str(root / "model-ready" / MODEL / DATASET / manifest["shards"][0]["parts"][0]["path"]),
-        cache_dir=str(tmp_path / "cache")).select_columns(["input_ids", "labels"]).select(range(16))
-    settings = SimpleNamespace(seed=0, batch_size=2, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
-                               weight_decay=0.0, max_seq_length=256, packing=True, save_steps=10,
-                               logging_steps=1, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                               lora_targets="all-linear", lr_scheduler="linear", report_to="none")
-    backend = dotrain.Backend("peft", "cpu", "float32", "adamw_torch")
-    backend.trainer_class = dotrain.shard_trainer_class(backend)
-    model, _ = dotrain.load_for_training(settings, backend, str(tiny_model), Ranks())
-    trainer = dotrain.make_trainer(settings, backend, model, tokenizer, prepare(dataset, True, 256),
-                                   SimpleNamespace(trainer=str(tmp_path)), max_steps=1)
-    batch = next(iter(trainer.get_train_dataloader()))
-    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
-    assert len(starts) > 3  # several rows share the packed sequences
-    unpacked = [{"input_ids": batch["input_ids"][0, a:b].tolist(), "labels": batch["labels"][0, a:b].tolist()}
-                for a, b in zip(starts, starts[1:])]
-    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(unpacked)
-    model.eval()
+    _, model, tokenizer, settings, rows = shard_trainer(inputs, tiny_model, tmp_path, rows=40)
+    rows = [{"input_ids": ids, "labels": labels} for ids, labels in zip(rows["input_ids"], rows["labels"])]
+    batches = dotrain.evaluation_batches(rows, settings, tokenizer, Ranks())
+    assert 1 < len(batches) < len(rows) / 4 and "position_ids" in batches[0]
+    loss_sum = tokens = 0
     with torch.no_grad():
-        packed_loss = trainer.compute_loss(model, batch).item()
-        padded_loss = model(**padded, use_cache=False).loss.item()
-    assert packed_loss == pytest.approx(padded_loss, abs=1e-5)
+        for row in rows:
+            labels = torch.tensor([row["labels"]])
+            trained = int((labels[:, 1:] != -100).sum())
+            loss_sum += model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss.item() * trained
+            tokens += trained
+    assert dotrain.evaluation_loss(model, batches, Ranks()) == pytest.approx(loss_sum / tokens, abs=1e-5)
+    # two processes: each its share, their sums added
+    sums = []
+    for rank in (0, 1):
+        mine = dotrain.evaluation_batches(rows, settings, tokenizer, Ranks(rank, 0, 2))
+        trained = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in mine)
+        sums.append((dotrain.evaluation_loss(model, mine, Ranks()) * trained, trained))
+    assert sum(s for s, _ in sums) / sum(t for _, t in sums) == pytest.approx(loss_sum / tokens, abs=1e-5)
+    assert sum(t for _, t in sums) == tokens
+
+
+FUSED_LOSS = """
+import json, sys
+from pathlib import Path
+from trl import SFTTrainer
+from test_dotrain import lora_gradients, random_lora_b, shard_trainer
+
+inputs = (Path(sys.argv[1]), json.loads(sys.argv[2]))
+trainer, model, *_ = shard_trainer(inputs, Path(sys.argv[3]), Path(sys.argv[4]), rows=16)
+random_lora_b(model)
+batch = next(iter(trainer.get_train_dataloader()))
+trained = int((batch["labels"][:, 1:] != -100).sum())
+plain = trainer.compute_loss(model, dict(batch), num_items_in_batch=trained)  # the CPU's loss
+plain.backward()
+plain_gradients = lora_gradients(model)
+model.zero_grad()
+fused = SFTTrainer.compute_loss(trainer, model, dict(batch), num_items_in_batch=trained)  # CUDA's
+fused.backward()
+difference = max((plain_gradients[name] - gradient).abs().max().item()
+                 for name, gradient in lora_gradients(model).items())
+print(json.dumps({"plain": plain.item(), "fused": fused.item(), "gradient_difference": difference}))
+"""
+
+
+def test_the_fused_loss_of_gpus_equals_the_cpus(inputs, tiny_model, tmp_path):
+    """On CUDA dotrain's trainer takes TRL's loss, whose fused LM head never holds the logits of
+    a whole batch (Triton kernels); on the CPU transformers' loss. The same loss and gradients on
+    a packed batch, the kernels run on the CPU by Triton's interpreter (TRITON_INTERPRET=1)."""
+    import subprocess
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: pip install -r requirements-dev.txt")
+    root, manifest = inputs
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    result = subprocess.run([sys.executable, "-c", FUSED_LOSS, str(root), json.dumps(manifest),
+                             str(tiny_model), str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                            env={**step_env({}), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+                                 "PYTHONPATH": path}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = json.loads(result.stdout.strip().splitlines()[-1])
+    assert losses["fused"] == pytest.approx(losses["plain"], abs=1e-5)
+    assert losses["gradient_difference"] < 1e-6
 
 
 @pytest.mark.parametrize("setting, message", [

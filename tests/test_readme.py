@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, fixture_path
 
 import common
 
@@ -252,12 +252,17 @@ def test_the_outputs_show_where_a_named_run_goes():
 
 
 def test_the_time_and_cost_follow_the_bench_figures():
-    """The L4 estimate: the H200's measured tokens/s scaled by the two GPUs' dense bf16 peaks."""
+    """The L4 estimate: the H200's measured tokens/s of the backend TRAIN_BACKEND=auto picks for
+    Qwen2.5-0.5B, scaled by the two GPUs' dense bf16 peaks."""
+    from training.speed import measured_faster
+
     spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "bench" / "gpu_train.py")
     gpu_train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_train)
     measured = json.loads((ROOT / "bench" / "results" / "gpu_train.json").read_text())
-    run = measured["runs"]["unsloth_packed"]  # one GPU with unsloth: the default backend
+    faster = measured_faster(json.loads(fixture_path("tokenizers", "qwen2.5-0.5b", "config.json").read_text()),
+                             False, True)[0]
+    run = measured["runs"][f"{faster}_packed"]
     assert measured["machine"]["gpu"] == "NVIDIA H200"
     peak = gpu_train.DENSE_BF16_PEAK
     l4 = run["tokens_per_second"] * peak["L4"] / peak["H200"]

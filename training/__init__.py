@@ -9,6 +9,9 @@
     export.py       lora_model/ and fused/ from the last checkpoint, checked, then the done manifest
     merge.py        the adapter merged into the base one weights file at a time, every weight checked
     report.py       what a run reports: metrics.json, loss.png, its summary lines, REPORT_TO
+    speed.py        how fast a run trains: model FLOPs, MFU, batch lengths, real tokens, the
+                    backend measured faster at a model's size
+    attention.py    what keeps packed rows apart, per backend and device
     runs.py         `python -m training.runs`: a sweep's runs side by side, read from the bucket
 
 None of them imports a step; heavy libraries (torch, transformers, trl, peft) are imported inside

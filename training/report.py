@@ -9,20 +9,22 @@ import os
 
 from common import UserError, fingerprint
 from training.shards import units
+from training.speed import summary
 
 STEP_KEYS = ("step", "shard", "loss", "learning_rate", "grad_norm", "tokens_per_second",
-             "num_input_tokens_seen", "seconds")
+             "num_input_tokens_seen", "seconds", "shapes")
 
 
 def read_log(checkpoint):
-    """A checkpoint's trainer log: the entries of the logged steps, the evaluations, and the
-    tokens seen."""
+    """A checkpoint's trainer log: the entries of the logged steps, the evaluations, the tokens
+    seen and how the run trained (training.speed.describe, the last entry)."""
     with open(os.path.join(checkpoint, "trainer_state.json")) as f:
         state = json.load(f)
     steps = [{key: entry.get(key) for key in STEP_KEYS} for entry in state["log_history"] if "loss" in entry]
     evaluations = [{"step": entry["step"], "eval_loss": entry["eval_loss"]}
                    for entry in state["log_history"] if "eval_loss" in entry]
-    return steps, evaluations, state.get("num_input_tokens_seen")
+    speed = next((entry["speed"] for entry in reversed(state["log_history"]) if "speed" in entry), None)
+    return steps, evaluations, state.get("num_input_tokens_seen"), speed
 
 
 def evaluation_summary(evaluations, rows):
@@ -34,8 +36,9 @@ def run_metrics(checkpoint, plan, pointer):
     """Loss, learning rate and tokens/s of every logging step, the evaluation loss of every
     evaluation, and a summary of each unit (a shard in an epoch): its loss, the seconds training
     waited on storage (shard downloads, checkpoint uploads) and, under DDP, the sequences each
-    rank trained on; the most bytes the scratch directory held on each node."""
-    steps, evaluations, tokens_seen = read_log(checkpoint)
+    rank trained on; the most bytes the scratch directory held on each node; the run's speed
+    (training.speed.summary)."""
+    steps, evaluations, tokens_seen, speed = read_log(checkpoint)
     shards = []
     for number, (epoch, index, start, steps_of_unit) in enumerate(units(plan)):
         end = min(start + steps_of_unit, plan.total_steps)
@@ -51,7 +54,7 @@ def run_metrics(checkpoint, plan, pointer):
             "trained_tokens": sum(shard["trained_tokens"] or 0 for shard in shards),
             "training_seconds": pointer["seconds"], "backend": pointer["backend"],
             "device": pointer["device"], "world_size": plan.world_size or 1,
-            "work_dir_peak_bytes": plan.work_dir_peak_bytes}
+            "work_dir_peak_bytes": plan.work_dir_peak_bytes, "speed": summary(steps, speed)}
 
 
 def plot_loss(metrics, path):

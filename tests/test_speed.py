@@ -1,0 +1,85 @@
+"""What a run reports of its speed (training.speed): the model FLOPs of a token, the GPUs' peaks
+and the MFU; and the backend TRAIN_BACKEND=auto picks from the GPU benchmark's measurements."""
+
+import json
+
+import pytest
+from conftest import ROOT, fixture_path
+
+from training.speed import matmul_params, measured_faster, mfu, model_flops_per_token, peak_flops
+
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "vocab_size": 512}  # demo/synthetic.py's model
+QWEN_7B = {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+           "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064}
+QWEN_1_5B = {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
+             "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936}
+
+
+def test_the_model_flops_of_a_token_counted_by_hand():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    # A layer: q 64x64 + k 64x32 + v 64x32 + o 64x64 + gate, up and down 3 x 64x128 = 36,864
+    # weights; two layers and the output layer (512 x 64): 106,496.
+    assert matmul_params(TINY) == 106_496
+    # Forward 2 x 106,496 FLOPs, the activations' gradients as much again: 425,984. Attention to
+    # 10 positions: 4 heads x 16 x 10 x 2 products x 2 FLOPs forward, x 3 with the backward, x 2
+    # layers: 15,360.
+    assert model_flops_per_token(TINY, 10) == 425_984 + 15_360
+    # The model's own products: the weights of its every nn.Linear, the tied output layer too.
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY, tie_word_embeddings=True))
+    assert sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) == 106_496
+    # Qwen2.5-0.5B: the benchmark's earlier count (494,032,768) also held the biases of q, k and v
+    # (24 x 1,152) and the norms (49 x 896).
+    qwen = json.loads(fixture_path("tokenizers", "qwen2.5-0.5b", "config.json").read_text())
+    assert matmul_params(qwen) + 24 * 1_152 + 49 * 896 == 494_032_768
+
+
+@pytest.mark.parametrize("gpu, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.4e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L4", 121e12),
+    ("NVIDIA L40S", 362.05e12), ("NVIDIA L40", None), ("NVIDIA A10G", 125e12), ("Tesla T4", 65e12),
+    ("Tesla V100-SXM2-16GB", 125e12), ("NVIDIA GeForce RTX 4090", None), (None, None),
+])
+def test_the_peak_of_each_gpu_and_the_mfu(gpu, peak):
+    assert peak_flops(gpu) == peak
+    assert mfu(1_000, 1e9, peak, gpus=2) == (round(1_000 * 1e9 / (2 * peak), 4) if peak else None)
+
+
+def test_auto_picks_the_backend_measured_faster_at_the_models_size(tmp_path):
+    qwen = json.loads(fixture_path("tokenizers", "qwen2.5-0.5b", "config.json").read_text())
+    small, large = matmul_params(qwen), matmul_params(QWEN_7B)
+    results = tmp_path / "gpu_train.json"
+    results.write_text(json.dumps({"date": "2026-12-01 10:00:00", "machine": {"gpu": "NVIDIA H100 80GB HBM3"},
+                                   "runs": {name: {"backend": backend, "params": params, "packing": True,
+                                                   "load_in_4bit": four_bit, **speed}
+                                            for name, backend, params, four_bit, speed in [
+        ("peft", "peft", small, False, {"tokens_per_second": 40_000}),
+        ("unsloth", "unsloth", small, False, {"tokens_per_second": 30_000}),
+        ("7b_peft", "peft", large, False, {"tokens_per_second": 5_000}),
+        ("7b_unsloth", "unsloth", large, False, {"tokens_per_second": 6_000}),
+        ("7b_unsloth_4bit", "unsloth", large, True, {"tokens_per_second": 4_000}),
+        ("7b_peft_4bit", "peft", large, True, {"error": "over 120 s"})]}}))
+    faster, why = measured_faster(qwen, False, True, results)
+    assert faster == "peft"
+    assert why.startswith("peft trained 40,000 tokens/s and unsloth 30,000 at 0.49B matmul parameters "
+                          "on an NVIDIA H100 80GB HBM3 (2026-12-01, ")
+    assert measured_faster(QWEN_7B, False, True, results)[0] == "unsloth"
+    assert measured_faster(QWEN_7B, True, True, results)[0] is None  # peft's 4-bit run failed
+    assert measured_faster(qwen, False, False, results)[0] is None  # only packed runs measured
+    faster, why = measured_faster(QWEN_1_5B, False, True, results)
+    assert faster is None and why.startswith("no measurement of both backends within 2x of this "
+                                             "model's 1.54B matmul parameters")
+    assert measured_faster(qwen, False, True, tmp_path / "absent.json")[0] is None
+
+
+def test_the_shipped_measurements_decide_the_default_model():
+    """TRAIN_BACKEND=auto on Qwen2.5-0.5B: the backend bench/results/gpu_train.json measured faster."""
+    qwen = json.loads(fixture_path("tokenizers", "qwen2.5-0.5b", "config.json").read_text())
+    measured = json.loads((ROOT / "bench" / "results" / "gpu_train.json").read_text())
+    speeds = {run["backend"]: run["tokens_per_second"] for run in measured["runs"].values()
+              if run.get("params") == matmul_params(qwen) and run.get("packing")
+              and not run.get("load_in_4bit") and run.get("tokens_per_second")}
+    assert set(speeds) == {"peft", "unsloth"}
+    assert measured_faster(qwen, False, True)[0] == max(speeds, key=speeds.get)

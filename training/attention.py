@@ -1,0 +1,59 @@
+"""Attention over packed batches: each packed row attends only to itself, and no work grows with
+the square of the packed sequence or is set up again for each new batch shape.
+
+TRL's padding-free packing flattens a batch into one sequence whose position ids restart at 0 with
+each row (and the padding appended to it, training.speed.length_multiple, has position 0). How the
+rows are kept apart:
+
+- transformers + peft on a CUDA GPU of compute capability 8.0 or more: FlexAttention
+  (attn_implementation="flex_attention"). transformers 5.17 finds the rows from the position ids
+  (masking_utils.find_packed_sequence_indices) and builds one BlockMask a forward from them; the
+  kernel, compiled once (torch.compile; shapes turn dynamic at the second length), skips every
+  block outside the rows' own squares.
+- elsewhere (the CPU, where FlexAttention has no backward; T4, V100): SDPA with the mask that
+  transformers builds from the same position ids, a dense [1, 1, L, L] block-diagonal one.
+- unsloth 2026.10.9 takes no attn_implementation on its Llama/Qwen2 path (its FlexAttention is for
+  gpt-oss and Gemma): it finds the rows from the position ids itself and attends row by row, with
+  flash-attn's varlen kernel when flash-attn is installed, else torch's varlen flash kernel (torch
+  2.12+ on compute capability 8.0+, one call a layer), else xformers' block-diagonal kernel
+  (xformers comes with unsloth) when it imports, else one SDPA call per run of rows of one
+  length. It builds a dense mask for these batches only with UNSLOTH_SDPA_PACKED_SEGMENTS=0.
+
+On CUDA, cuDNN's SDPA is turned off: on Hopper (H100, H200) with torch 2.11+ and cuDNN 9.15+
+SDPA prefers it, and it builds an execution plan for each new shape (hundreds of ms, per thread,
+never evicted), which batches of changing lengths, and unsloth's per-row calls, pay again and
+again. SDPA then runs flash attention, or the memory-efficient kernel where there is a mask.
+"""
+
+
+def choose(backend_name, cuda):
+    """The attention this run trains with, as metrics.json records it: for peft, the
+    attn_implementation load_for_training gives transformers; for unsloth, what unsloth runs."""
+    import torch
+
+    if cuda:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if backend_name == "unsloth":
+        return unsloth_attention()
+    return "flex_attention" if cuda and torch.cuda.get_device_capability() >= (8, 0) else "sdpa"
+
+
+def unsloth_attention():
+    """What unsloth runs on a packed batch here: its own choice of kernel (select_attention_backend),
+    and for SDPA whether torch has the varlen kernel unsloth prefers."""
+    import inspect
+
+    import torch
+    from unsloth.utils import select_attention_backend
+
+    chosen = select_attention_backend(use_varlen=True)
+    if chosen != "sdpa":
+        return f"unsloth {chosen}"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        varlen = {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
+    except (ImportError, TypeError, ValueError):  # no varlen kernel, or none unsloth can take
+        varlen = False
+    varlen = varlen and torch.cuda.get_device_capability() >= (8, 0)
+    return "unsloth torch varlen flash" if varlen else "unsloth sdpa row by row"

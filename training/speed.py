@@ -1,0 +1,168 @@
+"""How fast a run trains: the model FLOPs of a token, the GPUs' peak arithmetic and the run's
+model FLOPs utilization (MFU), batch lengths rounded up so that a run meets few shapes, the real
+(non-padding) tokens of a batch, what each run reports of its speed, and the backend that trained
+faster in the GPU benchmark at a model's size (TRAIN_BACKEND=auto chooses by it).
+"""
+
+import json
+import math
+import os
+import re
+import statistics
+
+SHAPES = 16  # a run's batches take at most this many lengths
+MEASURED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
+                        "gpu_train.json")
+COVERS = 2.0  # a measurement speaks for models within this factor of its size
+# Dense (no sparsity) tensor-core peak in FLOP/s, bf16 (fp16 on T4 and V100, which have no bf16),
+# from the vendors' datasheets; the A10G is taken as the A10 (AWS publishes no figure of its own).
+# A GPU's name (torch.cuda.get_device_name) matches the first entry it contains as a word.
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200 NVL": 835e12,
+              "H200": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12, "A10G": 125e12,
+              "T4": 65e12, "V100": 125e12}
+
+
+def peak_flops(gpu_name):
+    """The GPU's dense bf16 (fp16) peak FLOP/s, None for a GPU not in PEAK_FLOPS or no GPU."""
+    return next((peak for name, peak in PEAK_FLOPS.items()
+                 if gpu_name and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", gpu_name)), None)
+
+
+def read_config(model_dir):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f)
+
+
+def matmul_params(config):
+    """The weights a token is multiplied by (a decoder's config.json): the projections of every
+    block (q, k, v, o; gate, up, down) and the output layer, counted even when tied to the input
+    embedding, whose lookup is no product; biases and norms left out."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv_heads, head_dim = config.get("num_key_value_heads") or heads, config.get("head_dim") or hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    mlp = 3 * hidden * config["intermediate_size"]
+    return config["num_hidden_layers"] * (attention + mlp) + config["vocab_size"] * hidden
+
+
+def model_flops_per_token(config, context):
+    """Model FLOPs of training on one token: a LoRA step on a frozen base, a token attending to
+    `context` positions on average (its own row's, up to itself).
+
+        4 x matmul_params + 12 x layers x heads x head_dim x context
+
+    A product by an m x n weight costs 2mn FLOPs a token (a multiply and an add each). The forward
+    pass costs 2 x matmul_params. The backward pass computes the gradient of each product's input
+    (another 2mn) but not of its weight, which is frozen: 2 x matmul_params more, so 4 x in all.
+    Attention multiplies the query by each attended key and the scores by each attended value:
+    2 products of head_dim per head and position, 4 x heads x head_dim x context FLOPs a layer
+    forward; its backward computes the gradients of queries, keys and values (all needed: LoRA
+    adapts q, k and v, and the layers below), twice the forward: 12 x in all. A row of s tokens
+    attends to (s + 1) / 2 positions a token, on average.
+
+    Left out: the forward that gradient checkpointing recomputes (hardware, not model, FLOPs),
+    the LoRA matrices (6r(m + n) a token for each adapted m x n weight: about 4% more at r 16 on
+    Qwen2.5), norms, activations, softmax and the optimizer."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 4 * matmul_params(config) + 12 * config["num_hidden_layers"] * heads * head_dim * context
+
+
+def mfu(tokens_per_second, flops_per_token, peak, gpus=1):
+    """Model FLOPs utilization: the share of the GPUs' peak arithmetic the run's tokens needed."""
+    if not (peak and tokens_per_second):
+        return None
+    return round(tokens_per_second * flops_per_token / (peak * gpus), 4)
+
+
+def length_multiple(settings):
+    """Batches are padded at their end to a multiple of this many tokens (TRL's collator:
+    pad_to_multiple_of), so that a run meets at most SHAPES lengths: a new length can cost a
+    compilation or a kernel plan. A power of two of at least 64 tokens, at most 1/SHAPES of the
+    longest batch (BATCH_SIZE rows flattened into one when packing)."""
+    longest = settings.max_seq_length * (settings.batch_size if settings.packing else 1)
+    return max(64, 2 ** math.ceil(math.log2(longest / SHAPES)))
+
+
+def real_tokens(batch):
+    """The tokens of a collated batch that are not padding, as a tensor on its device.
+
+    A padded batch has an attention mask. A packed (padding-free) batch is one row of position
+    ids that restart at 0 with each of its rows, and the padding appended to it has position 0:
+    the real tokens end at the last position that is not 0 (a row's first token is never trained,
+    so every row has at least two)."""
+    import torch
+
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    positions = batch["position_ids"]
+    index = torch.arange(1, positions.shape[-1] + 1, device=positions.device)
+    return ((positions != 0) * index).amax(dim=-1).sum()
+
+
+def describe(config, backend, gpus, plan):
+    """How a run's processes train, written into its trainer log (recorder) for metrics.json:
+    the attention, the GPU and its peak, and the model FLOPs of a token for rows of the data's
+    mean length (exact for rows of one length)."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if backend.device == "cuda" else None
+    mean_row_length = sum(shard["tokens"] for shard in plan.shards) / max(plan.rows, 1)
+    return {"attention": backend.attention, "gpu": gpu, "gpus": gpus, "peak_flops": peak_flops(gpu),
+            "model_flops_per_token": model_flops_per_token(config, (mean_row_length + 1) / 2)}
+
+
+def recorder(entry):
+    """A TrainerCallback that writes `entry` (describe) into the trainer's log history when
+    training starts, unless the log's last such entry says the same; the checkpoints carry it."""
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            last = next((e["speed"] for e in reversed(state.log_history) if "speed" in e), None)
+            if last != entry:
+                state.log_history.append({"step": state.global_step, "speed": entry})
+
+    return Record()
+
+
+def summary(steps, entry):
+    """metrics.json's `speed`: the median tokens/s of the logged steps (each over the steps since
+    the log before it), the model FLOPs of a token and the MFU they make on the GPUs' peak, the
+    most batch shapes one training process met, and how the run trained (describe)."""
+    rates = [step["tokens_per_second"] for step in steps if step.get("tokens_per_second")]
+    tokens_per_second = round(statistics.median(rates), 1) if rates else None
+    entry = entry or {}
+    return {"tokens_per_second": tokens_per_second,
+            "model_flops_per_token": entry.get("model_flops_per_token"),
+            "mfu": mfu(tokens_per_second, entry.get("model_flops_per_token"), entry.get("peak_flops"),
+                       entry.get("gpus") or 1),
+            "distinct_shapes": max((step.get("shapes") or 0 for step in steps), default=0),
+            **{key: entry.get(key) for key in ("attention", "gpu", "gpus", "peak_flops")}}
+
+
+def measured_faster(config, load_in_4bit, packing, results=MEASURED):
+    """(the backend that trained more tokens a second on one GPU at this model's size, why), from
+    the GPU benchmark's results (bench/gpu_train.py): the measured size nearest to this model's
+    matmul_params within a factor COVERS, with the same LOAD_IN_4BIT and PACKING, both backends
+    measured. (None, why) when no measurement covers it."""
+    size = matmul_params(config)
+    try:
+        with open(results) as f:
+            measured = json.load(f)
+    except (OSError, ValueError):
+        return None, f"no GPU training measurements ({os.path.relpath(results)} is missing or unreadable)"
+    runs = [run for run in measured.get("runs", {}).values()
+            if run.get("tokens_per_second") and run.get("params") and run.get("packing") == packing
+            and bool(run.get("load_in_4bit")) == load_in_4bit
+            and max(run["params"], size) / min(run["params"], size) <= COVERS]
+    if runs:
+        nearest = min(runs, key=lambda run: abs(math.log(run["params"] / size)))["params"]
+        speeds = {run["backend"]: run["tokens_per_second"] for run in runs if run["params"] == nearest}
+        if len(speeds) == 2:
+            faster, slower = sorted(speeds, key=speeds.get, reverse=True)
+            return faster, (f"{faster} trained {speeds[faster]:,} tokens/s and {slower} {speeds[slower]:,} "
+                            f"at {nearest / 1e9:.2f}B matmul parameters on an {measured['machine']['gpu']} "
+                            f"({measured['date'][:10]}, {os.path.relpath(results)})")
+    return None, (f"no measurement of both backends within {COVERS:g}x of this model's "
+                  f"{size / 1e9:.2f}B matmul parameters{', 4-bit' if load_in_4bit else ''} "
+                  f"({os.path.relpath(results)})")
