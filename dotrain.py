@@ -151,7 +151,7 @@ def main():
             log("exporting in a fresh process: unsloth has patched transformers in this one")
             sys.stdout.flush()
             os.execv(sys.executable, [sys.executable, *sys.argv])
-    export(run, model_dir, plan, inputs, work)
+    export(run, model_dir, plan, inputs, work, held_out_loss(run))
 
 
 # ---------------------------------------------------------------- the run
@@ -214,6 +214,13 @@ def resume_outputs(run, model_manifest):
                            replaceable=resume_point(bucket, run.checkpoints) is None)
     return inputs, done, Plan.from_manifest(plan)
 
+
+
+def held_out_loss(run):
+    """model -> its evaluation loss on the run's held-out rows, as training measures it (None
+    without held-out rows): the export measures fused/ with it."""
+    rows = held_out_rows(run.bucket, run.data_prefix, run.data)
+    return lambda model: evaluation_loss(model, rows, Ranks()) if rows else None
 
 
 # ---------------------------------------------------------------- backend
