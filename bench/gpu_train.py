@@ -201,7 +201,8 @@ def measure(backend_name, packing, work, steps, warmup, profile=False):
 
     settings = SimpleNamespace(
         train_backend=backend_name, train_device="cuda", load_in_4bit=False, seed=3407, lora_r=16,
-        lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear", learning_rate=2e-4,
+        gradient_checkpointing="auto", lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear",
+        learning_rate=2e-4,
         lr_scheduler="linear", batch_size=2, grad_accum=4, warmup_steps=5, weight_decay=0.01,
         max_seq_length=MAX_SEQ_LENGTH, packing=packing, save_steps=10**9, logging_steps=10**9,
         report_to="none")
