@@ -222,7 +222,6 @@ def resume_outputs(run, model_manifest):
     return inputs, done, Plan.from_manifest(plan)
 
 
-
 def held_out_loss(run):
     """model -> its evaluation loss on the run's held-out rows, as training measures it (None
     without held-out rows): the export measures fused/ with it."""

@@ -254,11 +254,16 @@ run_settings() {
 
 # pipeline NAME SETTINGS...: allatonce.yaml's run block, killed once a checkpoint is named in
 # latest.json, then run again (it resumes) to the end; then the done manifest is checked.
+# BLOCK=dotrain: dotrain.py alone, on data an earlier run left in the bucket.
 pipeline() {
   local name=$1
   shift
   run_settings "$name" "$@"
-  "$PYTHON" -c 'import yaml; print(yaml.safe_load(open("allatonce.yaml"))["run"])' > "$WORK/run.sh"
+  if [ "${BLOCK:-run}" = dotrain ]; then  # the data are in the bucket already: dotrain.py alone
+    printf 'source "$VENV/bin/activate"\npython dotrain.py\n' > "$WORK/run.sh"
+  else
+    "$PYTHON" -c 'import yaml; print(yaml.safe_load(open("allatonce.yaml"))["run"])' > "$WORK/run.sh"
+  fi
   [ "${KILL:-1}" = 1 ] && env "${RUN[@]}" "$PYTHON" - <<'PY'
 import json, os, signal, subprocess, sys, time
 from common import checkpoints_prefix, open_bucket, parse_settings
@@ -392,11 +397,13 @@ PY
 # named, resumed and exported (see pipeline); then the export's logits check on the outputs of
 # the last, the peft one, with the base partly offloaded to RAM. Smoke: 16-bit (no CUDA).
 qlora() {
-  local backend
+  local backend block=run
   for backend in $BACKENDS; do
     echo "== QLoRA, $backend"
-    pipeline "qlora-$backend" BUCKET_NAME=s3://proof/qlora "TRAIN_BACKEND=$backend" "RUN_NAME=qlora-$backend" \
-      "LOAD_IN_4BIT=$([ "$SMOKE" = 1 ] && echo 0 || echo 1)" MAX_STEPS=4 SAVE_STEPS=2 LEARNING_RATE=1e-3
+    BLOCK=$block pipeline "qlora-$backend" BUCKET_NAME=s3://proof/qlora "TRAIN_BACKEND=$backend" \
+      "RUN_NAME=qlora-$backend" "LOAD_IN_4BIT=$([ "$SMOKE" = 1 ] && echo 0 || echo 1)" MAX_STEPS=4 SAVE_STEPS=2 \
+      LEARNING_RATE=1e-3
+    block=dotrain  # the first run imported and pretokenized the data
   done
   echo "== the logits check of qlora-$backend's export, the base partly offloaded to RAM"
   run_settings "qlora-$backend" BUCKET_NAME=s3://proof/qlora "RUN_NAME=qlora-$backend"
@@ -547,7 +554,7 @@ for name in ${PARTS:-unsloth peft gpu_train fp16 qlora peak8b}; do
     *" unsloth") part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}" ;;
     *" peft") part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}" ;;
     *" fp16") part fp16 fp16.log 150 fp16 ;;
-    *" qlora") part qlora qlora.log 300 qlora ;;
+    *" qlora") part qlora qlora.log 360 qlora ;;
     *" peak8b") part peak8b peak8b.log 300 peak8b ;;
     "1 "*) note "$name" skipped "GPU_PROOF_SMOKE=1" ;;
     *" gpu_train") part gpu_train gpu_train.log 200 gpu_train ;;
