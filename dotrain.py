@@ -40,6 +40,7 @@ trainer and its loop over the shards, the evaluation. Its machinery lives in tra
 processes and ranks, the plan and the shards, the checkpoints, the export and merge, the report.
 """
 
+import argparse
 import gc
 import importlib.util
 import logging
@@ -62,6 +63,7 @@ from training.checkpoints import (UNNAMED_RUN_FILES, Uploads, checkpoint_saved, 
 from training.export import export
 from training.merge import weights_files
 from training.processes import Ranks, RankView, Work, rank_sampler, shared_exactly
+from training.precision import precision_change, skipped_steps
 from training.report import evaluation_summary, read_log, set_up_reporting
 from training.shards import Plan, UnitRecord, make_plan, position, prepare, prepared_shards, units
 from training.speed import (describe, length_multiple, measured_faster, read_config, real_tokens,
@@ -85,6 +87,12 @@ SETTINGS = [
     Setting("LOAD_IN_4BIT", False, "train the LoRA on a 4-bit (NF4) copy of the base (QLoRA), so "
             "that a 7-8B model fits a 16-24 GB GPU; CUDA and bitsandbytes only; fused/ is still "
             "the adapter merged into the original 16-bit weights", bool),
+    Setting("GRADIENT_CHECKPOINTING", "auto", "recompute each layer's activations in the backward "
+            "pass instead of keeping them (less GPU memory, ~30% more compute): auto: on a GPU "
+            "(unsloth checkpoints its own way), off on the CPU", choices=("auto", "1", "0")),
+    Setting("MAX_SKIPPED_FRACTION", 0.05, "fp16 (T4, V100): the run fails once the loss scaler "
+            "has skipped more than this share of the optimizer steps (their gradients overflowed "
+            "float16), beyond the 16 it may skip to find its scale", float, minimum=0),
     Setting("LORA_R", 16, "LoRA rank", int, minimum=1),
     Setting("LORA_ALPHA", 16, "LoRA alpha (scale = alpha / r)", int, minimum=1),
     Setting("LORA_DROPOUT", 0.0, "dropout on the LoRA input", float, minimum=0),
@@ -156,7 +164,7 @@ def main():
             log("exporting in a fresh process: unsloth has patched transformers in this one")
             sys.stdout.flush()
             os.execv(sys.executable, [sys.executable, *sys.argv])
-    export(run, model_dir, plan, inputs, work)
+    export(run, model_dir, plan, inputs, work, held_out_loss(run))
 
 
 # ---------------------------------------------------------------- the run
@@ -220,6 +228,15 @@ def resume_outputs(run, model_manifest):
     return inputs, done, Plan.from_manifest(plan)
 
 
+def held_out_loss(run):
+    """(model, tokenizer) -> the model's evaluation loss on the run's held-out rows, as training
+    measures it, one sequence a batch (the export's model holds 16-bit weights and full logits);
+    None without held-out rows. The export measures fused/ with it."""
+    rows = held_out_rows(run.bucket, run.data_prefix, run.data)
+    one_a_batch = argparse.Namespace(**{**vars(run.settings), "batch_size": 1})
+    return lambda model, tokenizer: evaluation_loss(
+        model, evaluation_batches(rows, one_a_batch, tokenizer, Ranks()), Ranks()) if rows else None
+
 
 # ---------------------------------------------------------------- backend
 
@@ -233,6 +250,11 @@ class Backend:
     load_in_4bit: bool = False
     trainer_class: type = None
     attention: str = "sdpa"  # what keeps packed rows apart (training.attention)
+    gradient_checkpointing: bool = None  # None: on a GPU, off on the CPU
+
+    def __post_init__(self):
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = self.device == "cuda"
 
     @property
     def bf16(self):
@@ -293,6 +315,9 @@ def choose_backend(settings, ranks, plan, model_dir):
         raise UserError(f"the checkpoints of this run hold {plan.optim} optimizer state and this "
                         f"machine trains with {optim}: resume on the same kind of machine, or "
                         "rerun with REBUILD=dotrain to start over")
+    changed = precision_change(plan.dtype, dtype)
+    if changed:
+        log(changed)
     if plan.world_size not in (None, ranks.world):
         raise UserError(f"the checkpoints of this run were planned for {plan.world_size} "
                         f"training processes and this run has {ranks.world}: relaunch with as many "
@@ -307,12 +332,14 @@ def choose_backend(settings, ranks, plan, model_dir):
     # does not apply.
     logging.getLogger("trl.trainer.sft_trainer").addFilter(
         lambda record: "Flash Attention variant" not in record.getMessage())
-    backend = Backend(name, "cuda" if cuda else "cpu", dtype, optim, settings.load_in_4bit)
+    backend = Backend(name, "cuda" if cuda else "cpu", dtype, optim, settings.load_in_4bit,
+                      gradient_checkpointing={"1": True, "0": False}.get(settings.gradient_checkpointing))
     backend.trainer_class = shard_trainer_class(backend, ranks)
     backend.attention = choose_attention(name, cuda)
     gpu = f" ({torch.cuda.get_device_name()})" if cuda else ""
     log(f"backend: {name} on {backend.device}{gpu}, {dtype}"
-        f"{', 4-bit base' if settings.load_in_4bit else ''}, {optim}, attention: {backend.attention}")
+        f"{', 4-bit base' if settings.load_in_4bit else ''}, {optim}, attention: {backend.attention}"
+        f"{', gradient checkpointing' if backend.gradient_checkpointing else ''}")
     return backend
 
 
@@ -345,7 +372,7 @@ def train(run, backend, model_dir, plan, work, ranks):
     if plan.total_steps is None:
         plan = ranks.from_rank_0(lambda: make_plan(settings, bucket, run.data_prefix, run.data,
                                                    plan.inputs, ranks.world))
-        plan.optim = backend.optim
+        plan.optim, plan.dtype = backend.optim, backend.dtype
         if ranks.rank == 0:
             write_manifest(bucket, run.checkpoints, plan.manifest())
     set_up_reporting(settings, bucket.url(run.checkpoints), plan.inputs, work.trainer)
@@ -390,6 +417,8 @@ def train(run, backend, model_dir, plan, work, ranks):
             callbacks = [unit_end(ranks, end, end == start + steps, record, view, done),
                          checkpoint_saved(bucket, run.checkpoints, ranks, uploads, pointer_of, record),
                          evaluation(held_out_batches, len(held_out), ranks, backend), recorder(how)]
+            if backend.fp16:
+                callbacks.append(skipped_steps(records, record, settings.max_skipped_fraction))
             trainer = make_trainer(settings, backend, model, tokenizer, sequences, work, total, callbacks)
             trainer.train_dataset, trainer.shard, trainer.seconds = view, index, seconds
             log(f"epoch {epoch}, shard {index} ({plan.shards[index]['path']}): steps {step + 1}..{end}")
@@ -415,7 +444,9 @@ def train(run, backend, model_dir, plan, work, ranks):
                                 for rank, peak in enumerate(peaks) if peak is not None}
     if ranks.rank == 0:
         write_manifest(bucket, run.checkpoints, plan.manifest())
-    log(f"training complete: {total} steps")
+    skipped = sum(len(record.skipped_steps or []) for record in records.values())
+    log(f"training complete: {total} steps"
+        + (f", {skipped} of them skipped by the fp16 loss scaler" if backend.fp16 else ""))
     del model
     release_memory()
     return plan
@@ -452,8 +483,9 @@ def load_for_training(settings, backend, model_dir, ranks):
             use_exact_model_name=True)
         return FastLanguageModel.get_peft_model(
             model, **lora, target_modules=lora_targets(model, settings.lora_targets),
-            use_gradient_checkpointing="unsloth", random_state=settings.seed), tokenizer
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+            use_gradient_checkpointing="unsloth" if backend.gradient_checkpointing else False,
+            random_state=settings.seed), tokenizer
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     where = {"device_map": {"": torch.device("cuda", ranks.local_rank)}} if backend.device == "cuda" else {}
@@ -464,9 +496,22 @@ def load_for_training(settings, backend, model_dir, ranks):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                  attn_implementation=backend.attention, **where)
     if backend.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = prepare_for_4bit_training(model)
     targets = lora_targets(model, settings.lora_targets)
     return get_peft_model(model, LoraConfig(**lora, target_modules=targets, task_type="CAUSAL_LM")), tokenizer
+
+
+def prepare_for_4bit_training(model):
+    """peft's prepare_model_for_kbit_training without its cast of every 16-bit weight to float32:
+    the embeddings and the output layer stay 16-bit (in float32 they take ~2 GB more for an 8B
+    model, and autocast casts the output layer back to 16 bits at every step), and so do the
+    norms, as unsloth keeps them (only the adapters are float32: get_peft_model makes them so).
+    The base frozen, and the embeddings' output requiring grad so that gradients reach the
+    adapters through checkpointed layers (GRADIENT_CHECKPOINTING: the trainer turns it on)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model
 
 
 def lora_targets(model, setting):
@@ -538,7 +583,12 @@ def shard_trainer_class(backend, ranks=Ranks()):
                             tokens_per_second=round((seen - seen_then) / max(now - since, 1e-6), 1),
                             seconds_left=round(seconds / max(step, 1) * (self.state.max_steps - step)),
                             shapes=len(self.shapes))
+                if self.accelerator.scaler is not None:  # fp16
+                    logs["loss_scale"] = self.accelerator.scaler.get_scale()
                 self.last_log = (now, seen)
+                # transformers empties its loss sum by subtracting it from itself: after an
+                # overflowed (inf) loss that leaves NaN, and every later loss would read NaN.
+                self._tr_loss.zero_()
             super().log(logs, start_time)
 
     return ShardTrainer
@@ -557,8 +607,10 @@ def make_trainer(settings, backend, model, tokenizer, dataset, work, max_steps, 
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler, warmup_steps=settings.warmup_steps,
         weight_decay=settings.weight_decay, optim=backend.optim, bf16=backend.bf16, fp16=backend.fp16,
-        # unsloth checkpoints gradients itself; on CPU the models are small and time matters more
-        gradient_checkpointing=backend.name == "peft" and backend.device == "cuda",
+        gradient_checkpointing=backend.name == "peft" and backend.gradient_checkpointing,  # (unsloth's own)
+        # every LoRA weight takes part in every step (transformers would search for unused
+        # ones after each backward of a model that is not a PreTrainedModel, as a PeftModel)
+        ddp_find_unused_parameters=False,
         max_length=settings.max_seq_length, packing=settings.packing, packing_strategy="bfd",
         pad_to_multiple_of=length_multiple(settings),  # a few batch shapes (training.speed)
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -566,6 +618,7 @@ def make_trainer(settings, backend, model, tokenizer, dataset, work, max_steps, 
         save_strategy="steps", save_steps=settings.save_steps, save_total_limit=1,
         save_on_each_node=True,  # (several nodes: every node resumes each shard from its own copy)
         logging_steps=settings.logging_steps,
+        logging_nan_inf_filter=False,  # an overflowed step logs its loss (inf), not the average
         include_num_input_tokens_seen="non_padding",  # (ShardTrainer counts them)
         disable_tqdm=True)
     callbacks = [*callbacks, KeepScheduleOnStep()] if backend.fp16 else list(callbacks)

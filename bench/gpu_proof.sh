@@ -21,20 +21,33 @@
 # 5. the same with TRAIN_BACKEND=peft into s3://proof/peft;
 # 6. bench/gpu_train.py: tokens/s, MFU and peak GPU memory, unsloth vs peft on the Qwen2.5-0.5B
 #    shape, with a profile of each (GPU_TRAIN_ARGS: other configurations, e.g. the 7B ones);
-# 7. the peft backend in fp16 with loss scaling (T4, V100), forced on this GPU;
-# 8. QLoRA (LOAD_IN_4BIT=1) with each backend, on the data of 4 and 5 (RUN_NAME=qlora).
+# 7. fp16 with loss scaling (T4, V100), forced on this GPU, with each backend: the loss of
+#    chosen steps made inf, as an overflow makes it; the steps the scaler skipped, the logged
+#    losses (inf on those steps, finite after them) and loss scales, and the schedule checked;
+# 8. QLoRA (LOAD_IN_4BIT=1) with each backend into s3://proof/qlora (RUN_NAME=qlora-BACKEND),
+#    each killed once a checkpoint is named, resumed and exported (unsloth's in a fresh process,
+#    as every unsloth run exports) and its done manifest checked (fused/'s evaluation loss
+#    beside the 4-bit model's); then the export's logits check on the peft run's outputs with
+#    the GPU capped (max_memory) so that part of the base is offloaded to RAM;
+# 9. the 4-bit peak GPU memory of the 8B shape (Llama-3.1-8B's: hidden 4096, 32 layers, MLP
+#    14336, vocabulary 128256, 8 KV heads; random bf16 weights) with each backend at the step's
+#    defaults (batch 2 of 4096 tokens, LoRA r 16 on every projection), two optimizer steps.
 #
-# PARTS="gpu_train peft ..." runs only those of 4 to 8, in that order (1 to 3 always run);
+# PARTS="gpu_train peft ..." runs only those of 4 to 9, in that order (1 to 3 always run);
 # EXTRA_SETTINGS="MAX_STEPS=4 ..." changes the runs' settings; KILL=0 runs them once, unkilled.
 # GPU_TRAIN_ARGS="--budget 360" replaces 6's arguments, GPU_TRAIN_LIMIT=400 its seconds (200).
 #
 # Each part runs on its own with a time limit, all of them within PROOF_BUDGET seconds: a part
 # that fails prints the tail of its log and the next one runs. Results go to $OUT (default
 # ./gpu-proof-out): summary.txt (a line per part: passed/FAILED/skipped, seconds), setup.log,
-# moto.log, unsloth.log, peft.log, gpu_train.log, gpu_train.json, extra.log (7 and 8).
+# moto.log, unsloth.log, peft.log, gpu_train.log, gpu_train.json, fp16.log, fp16.json,
+# qlora.log, peak8b.log, peak8b.json.
 #
-# GPU_PROOF_SMOKE=1: the tiny model and tokenizer of demo/synthetic.py and fewer rows; the
-# unsloth part trains with peft where there is no CUDA; no 6, 7 or 8.
+# GPU_PROOF_SMOKE=1 (no CUDA): the tiny model and tokenizer of demo/synthetic.py and fewer rows;
+# the unsloth part trains with peft; no 6; 7 with peft alone, on the CPU with torch's CPU loss
+# scaler; 8 with peft alone, not in 4-bit, and the logits check without a GPU to cap; 9 on a
+# tiny Llama, not in 4-bit, measuring nothing: every line of the script runs, the GPU's figures
+# do not.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,6 +82,7 @@ if [ "$SMOKE" = 1 ]; then
 fi
 UNSLOTH_RUN=(BUCKET_NAME=s3://proof/unsloth TRAIN_BACKEND=unsloth)
 PEFT_RUN=(BUCKET_NAME=s3://proof/peft TRAIN_BACKEND=peft)
+BACKENDS="peft unsloth"  # of 7 to 9, in this order (a part stops at its first failure)
 # Nothing from the Hub, no usage statistics: the machine has no network.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 HF_HOME="$WORK/hf"
 export PYTHONUNBUFFERED=1 AWS_ACCESS_KEY_ID=proof-key AWS_SECRET_ACCESS_KEY=proof-secret AWS_REGION=auto
@@ -102,7 +116,8 @@ part() {
   # A fresh bash runs it (so that `timeout` can end it and all it started), given this file's
   # functions and arrays.
   timeout --kill-after=10 "$limit" bash -c \
-    "$(declare -f); $(declare -p SETTINGS UNSLOTH_RUN PEFT_RUN CHECK_DONE); RUN=(); set -euo pipefail; $4" >> "$log" 2>&1
+    "$(declare -f); $(declare -p SETTINGS UNSLOTH_RUN PEFT_RUN CHECK_DONE BACKENDS); RUN=(); set -euo pipefail; $4" \
+    >> "$log" 2>&1
   status=$?
   stop_runs
   if [ "$status" = 0 ]; then
@@ -233,24 +248,30 @@ run_settings() {
     RUN+=("AWS_ENDPOINT_URL_S3=$(cat "$WORK/endpoint")")
   else
     echo "== no S3 server (see the s3 part in setup.log): the bucket is a local directory"
-    RUN+=("BUCKET_NAME=$WORK/buckets/${name#qlora-}")
+    RUN+=("BUCKET_NAME=$WORK/buckets/${name%%-*}")  # (the qlora-* runs share one)
   fi
   mkdir -p "$WORK/$name"
 }
 
 # pipeline NAME SETTINGS...: allatonce.yaml's run block, killed once a checkpoint is named in
 # latest.json, then run again (it resumes) to the end; then the done manifest is checked.
+# BLOCK=dotrain: dotrain.py alone, on data an earlier run left in the bucket.
 pipeline() {
   local name=$1
   shift
   run_settings "$name" "$@"
-  "$PYTHON" -c 'import yaml; print(yaml.safe_load(open("allatonce.yaml"))["run"])' > "$WORK/run.sh"
+  if [ "${BLOCK:-run}" = dotrain ]; then  # the data are in the bucket already: dotrain.py alone
+    printf 'source "$VENV/bin/activate"\npython dotrain.py\n' > "$WORK/run.sh"
+  else
+    "$PYTHON" -c 'import yaml; print(yaml.safe_load(open("allatonce.yaml"))["run"])' > "$WORK/run.sh"
+  fi
   [ "${KILL:-1}" = 1 ] && env "${RUN[@]}" "$PYTHON" - <<'PY'
 import json, os, signal, subprocess, sys, time
 from common import checkpoints_prefix, open_bucket, parse_settings
 
 bucket = open_bucket(parse_settings("", [], []))
-key = checkpoints_prefix(os.environ["MODEL_NAME"], os.environ["DATASET_NAME"]) + "/latest.json"
+key = checkpoints_prefix(os.environ["MODEL_NAME"], os.environ["DATASET_NAME"], os.environ.get("RUN_NAME")) \
+    + "/latest.json"
 block = subprocess.Popen(["bash", os.environ["WORK"] + "/run.sh"], start_new_session=True)
 with open(os.environ["WORK"] + "/runs", "a") as runs:
     runs.write(f"{block.pid}\n")
@@ -269,8 +290,9 @@ PY
   env "${RUN[@]}" "$PYTHON" -c "$CHECK_DONE"
 }
 
-# The done manifest of the run in the environment: complete, trained where expected, the merge
-# check passed, the fused model generated.
+# The done manifest of the run in the environment: complete, trained where expected (in 4-bit
+# with LOAD_IN_4BIT=1), the merge check passed, fused/'s evaluation loss measured, the fused
+# model generated.
 CHECK_DONE='
 import json, os
 from common import done_prefix, open_bucket, parse_settings, read_manifest
@@ -290,69 +312,224 @@ for folder in ("lora_model", "fused"):
 assert done["complete"], "the done manifest is not complete"
 assert done["backend"] == os.environ["TRAIN_BACKEND"], "trained with " + done["backend"]
 assert metrics["device"] == os.environ["EXPECT_DEVICE"], "trained on " + metrics["device"]
+assert done["inputs"]["load_in_4bit"] == (os.environ.get("LOAD_IN_4BIT") == "1"), done["inputs"]
 check = done["check"]
 assert check["distance_over_effect"] <= check["tolerance"], "the merge check failed"
+assert done["eval_loss"]["after_fused"] > 0, done["eval_loss"]
 assert isinstance(done["sample"]["completion"], str), "the fused model generated nothing"
-print("done manifest complete, merge check passed, the fused model generated")
+print("done manifest complete, merge check passed, fused/ evaluated, the fused model generated")
 '
 
-# dotrain.py with LOAD_IN_4BIT=1 on the data the two runs above left, as runs of their own
-# (RUN_NAME): QLoRA with unsloth, then with transformers + peft + bitsandbytes; fused/ is the
-# adapter merged into the original 16-bit files.
-qlora() {
-  local backend
-  for backend in unsloth peft; do
-    run_settings "qlora-$backend" "BUCKET_NAME=s3://proof/$backend" "TRAIN_BACKEND=$backend" \
-      RUN_NAME=qlora LOAD_IN_4BIT=1 MAX_STEPS=12 SAVE_STEPS=6 LEARNING_RATE=1e-3
-    echo "== QLoRA, $backend"
-    env "${RUN[@]}" "$PYTHON" import-dataset.py  # (nothing to do after the pipeline parts)
-    env "${RUN[@]}" "$PYTHON" import-model.py
-    env "${RUN[@]}" "$PYTHON" pretokenize.py
-    env "${RUN[@]}" "$PYTHON" dotrain.py
-    env "${RUN[@]}" "$PYTHON" -c "$CHECK_DONE"
-  done
-}
-
-# The peft backend in fp16 with loss scaling, as on a T4 or V100, forced on this GPU: the
-# schedule stays on the step count through the steps the loss scaler skips.
+# fp16 with loss scaling, as on a T4 or V100, forced on this GPU with each backend (a process
+# each: unsloth patches transformers). The loss of steps 3 and 6 is made inf, as an overflow
+# makes it: the steps the scaler skipped are recorded and each halves the loss scale, the
+# logged losses are inf on those steps only, and the schedule stays on the step count.
+# A line each in $OUT/fp16.json.
 fp16() {
-  "$PYTHON" - "$WORK/inputs/model" "$WORK/fp16" <<'PY'
+  local backend
+  for backend in $BACKENDS; do
+    echo "== fp16, $backend"
+    "$PYTHON" - "$backend" "$WORK/inputs/model" "$WORK/fp16-$backend" "$OUT/fp16.json" <<'PY'
 import importlib.util, json, math, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path[:0] = [".", "bench"]
+import torch
+
+name, model_dir, work, results = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+cuda = torch.cuda.is_available()
+if name == "unsloth":
+    import unsloth  # noqa: F401 - before transformers, trl and peft, which it patches
+sys.path[:0] = ["."]
 import datasets
-import dotrain, gpu_train
+import dotrain
+from training.precision import skipped_steps
+from training.processes import Ranks
+from training.shards import UnitRecord, prepare
+
+OVERFLOW, STEPS = {3, 6}, 8
+settings = SimpleNamespace(seed=3407, lora_r=16, lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear",
+                           learning_rate=2e-4, lr_scheduler="linear", batch_size=2, grad_accum=2,
+                           warmup_steps=2, weight_decay=0.01, max_seq_length=1024, packing=True,
+                           save_steps=10**9, logging_steps=1, report_to="none")
+optim = "adamw_8bit" if cuda and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
+backend = dotrain.Backend(name, "cuda" if cuda else "cpu", "float16", optim)
+
+
+class Overflowing(dotrain.shard_trainer_class(backend)):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        return loss * math.inf if self.state.global_step + 1 in OVERFLOW else loss
+
+
+backend.trainer_class = Overflowing
+model, tokenizer = dotrain.load_for_training(settings, backend, model_dir, Ranks())
+generator = torch.Generator().manual_seed(0)
+ids = [torch.randint(0, model.config.vocab_size, (int(length),), generator=generator).tolist()
+       for length in torch.randint(64, 1024, (80,), generator=generator)]
+rows = prepare(datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}), True, 1024)
+records = {"0": UnitRecord()}
+trainer = dotrain.make_trainer(settings, backend, model, tokenizer, rows, SimpleNamespace(trainer=str(work)),
+                               STEPS, [skipped_steps(records, records["0"], 0.05)])
+if not cuda:  # (accelerate gives fp16 on the CPU no loss scaler: torch's CPU one is the same mechanism)
+    trainer.accelerator.scaler, trainer.accelerator.native_amp = torch.amp.GradScaler("cpu"), True
+trainer.shard, trainer.seconds = 0, time.perf_counter
+trainer.train()
+logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+result = {"backend": name, "device": backend.device, "model_dtype": str(model.dtype),
+          "steps": trainer.state.global_step, "schedule_steps": trainer.lr_scheduler.last_epoch,
+          "overflowed_steps": sorted(OVERFLOW), "skipped_steps": records["0"].skipped_steps or [],
+          "losses": [entry["loss"] for entry in logged], "loss_scales": [entry["loss_scale"] for entry in logged]}
+print(json.dumps(result))
+with open(results, "a") as f:
+    f.write(json.dumps(result) + "\n")
+scales = [65536.0, *result["loss_scales"]]  # (GradScaler's first scale)
+halved = [step for step in range(1, len(scales)) if scales[step] == scales[step - 1] / 2]
+assert OVERFLOW <= set(result["skipped_steps"]) and halved == result["skipped_steps"], (halved, result)
+assert [not math.isfinite(loss) for loss in result["losses"]] == [entry["step"] in OVERFLOW for entry in logged]
+assert result["steps"] == result["schedule_steps"] == STEPS, "the schedule lags the steps"
+print(f"fp16 with loss scaling ({name}): skipped steps {result['skipped_steps']} counted, their losses "
+      "logged as inf, the schedule on the step count")
+PY
+  done
+}
+
+# QLoRA with each backend, both on the data of one bucket: each run killed once a checkpoint is
+# named, resumed and exported (see pipeline); after the peft one, the export's logits check on
+# its outputs with the base partly offloaded to RAM. Smoke: 16-bit (no CUDA).
+qlora() {
+  local backend block=run
+  for backend in $BACKENDS; do
+    echo "== QLoRA, $backend"
+    BLOCK=$block pipeline "qlora-$backend" BUCKET_NAME=s3://proof/qlora "TRAIN_BACKEND=$backend" \
+      "RUN_NAME=qlora-$backend" "LOAD_IN_4BIT=$([ "$SMOKE" = 1 ] && echo 0 || echo 1)" MAX_STEPS=4 SAVE_STEPS=2 \
+      LEARNING_RATE=1e-3
+    block=dotrain  # the first run imported and pretokenized the data
+    if [ "$backend" = peft ]; then
+      offloaded_check qlora-peft
+    fi
+  done
+}
+
+# offloaded_check RUN: the export's logits check on RUN's lora_model/ and fused/, the GPU capped
+# at 300 MiB so that most of the base (the 0.5B shape's 1 GB) is offloaded to RAM.
+offloaded_check() {
+  echo "== the logits check of $1's export, the base partly offloaded to RAM"
+  run_settings "$1" BUCKET_NAME=s3://proof/qlora "RUN_NAME=$1"
+  env "${RUN[@]}" "$PYTHON" - "$WORK/inputs/model" "$WORK/$1/check" <<'PY'
+import json, os, sys
+
+import torch
+
+from common import done_prefix, model_ready_prefix, open_bucket, parse_settings, read_manifest
+from training import export
+
+model_dir, local = sys.argv[1:]
+bucket = open_bucket(parse_settings("", [], []))
+model, dataset = os.environ["MODEL_NAME"], os.environ["DATASET_NAME"]
+prefix = done_prefix(model, dataset, os.environ["RUN_NAME"])
+for folder in ("lora_model", "fused"):
+    os.makedirs(f"{local}/{folder}")
+    for path in bucket.fs.ls(bucket.path(f"{prefix}/{folder}"), detail=False):
+        name = path.rsplit("/", 1)[-1]
+        bucket.download(f"{prefix}/{folder}/{name}", f"{local}/{folder}/{name}")
+data = read_manifest(bucket, model_ready_prefix(model, dataset))
+examples, _ = export.check_examples(bucket, model_ready_prefix(model, dataset), data, None)  # held-out rows
+cap = {0: "300MiB", "cpu": "64GiB"} if torch.cuda.is_available() else {"cpu": "8GiB"}  # (smoke: no GPU)
+check, _ = export.check_logits(model_dir, f"{local}/lora_model", f"{local}/fused", examples, max_memory=cap)
+print(json.dumps(check))
+assert "cpu" in check.get("devices", []) or not torch.cuda.is_available(), check
+print("the logits check passed with the base offloaded to RAM")
+PY
+}
+
+# The 8B shape's peak GPU memory in 4-bit with each backend: Llama-3.1-8B's config (hidden 4096,
+# 32 layers, MLP 14336, vocabulary 128256, 32 heads, 8 KV heads), random bf16 weights written
+# once (~16 GB), the tiny tokenizer; two optimizer steps at the step's defaults (batch 2 of
+# 4096 packed tokens, LoRA r 16 on every projection, gradient checkpointing, 8-bit AdamW).
+# A line each in $OUT/peak8b.json. Smoke: a tiny Llama, not in 4-bit, nothing measured.
+peak8b() {
+  echo "== writing the 8B shape"
+  "$PYTHON" - "$WORK/llama8b" <<'PY'
+import sys, time
+
+import torch
+
+sys.path[:0] = [".", "demo"]
+import synthetic
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+began, out = time.time(), sys.argv[1]
+cuda = torch.cuda.is_available()
+tokenizer = synthetic.make_tokenizer(out)
+shape = dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, vocab_size=128256,
+             num_attention_heads=32, num_key_value_heads=8) if cuda else \
+    dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=1024, num_attention_heads=4,
+         num_key_value_heads=2)
+config = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+torch.manual_seed(0)
+with torch.device("cuda" if cuda else "cpu"):
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(out, max_shard_size="5GB")
+print(f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters written in {time.time() - began:.0f} s")
+PY
+  local backend
+  for backend in $BACKENDS; do
+    echo "== the 8B shape in 4-bit, $backend"
+    "$PYTHON" - "$backend" "$WORK/llama8b" "$WORK/peak8b-$backend" "$OUT/peak8b.json" <<'PY'
+import importlib.util, json, sys, time
+from types import SimpleNamespace
+
+import torch
+
+name, model_dir, work, results = sys.argv[1:]
+cuda = torch.cuda.is_available()
+if name == "unsloth":
+    import unsloth  # noqa: F401 - before transformers, trl and peft, which it patches
+sys.path[:0] = ["."]
+import datasets
+import dotrain
 from training.processes import Ranks
 from training.shards import prepare
 
-model_dir, work = sys.argv[1], Path(sys.argv[2])
-work.mkdir(parents=True)
+began, length = time.time(), 4096 if cuda else 64
 settings = SimpleNamespace(seed=3407, lora_r=16, lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear",
-                           learning_rate=2e-4, lr_scheduler="linear", batch_size=2, grad_accum=4,
-                           warmup_steps=5, weight_decay=0.01, max_seq_length=4096, packing=True,
+                           learning_rate=2e-4, lr_scheduler="linear", batch_size=2, grad_accum=1,
+                           warmup_steps=0, weight_decay=0.01, max_seq_length=length, packing=True,
                            save_steps=10**9, logging_steps=1, report_to="none")
-ranks = Ranks()
-optim = "adamw_8bit" if importlib.util.find_spec("bitsandbytes") else "adamw_torch"
-backend = dotrain.Backend("peft", "cuda", "float16", optim)
-backend.trainer_class = dotrain.shard_trainer_class(backend, ranks)
-model, tokenizer = dotrain.load_for_training(settings, backend, model_dir, ranks)
-gpu_train.make_rows(work / "rows.parquet", 400)
-rows = prepare(datasets.Dataset.from_parquet(str(work / "rows.parquet")), True, 4096)
-trainer = dotrain.make_trainer(settings, backend, model, tokenizer, rows, SimpleNamespace(trainer=str(work)),
-                               max_steps=20)
+optim = "adamw_8bit" if cuda and importlib.util.find_spec("bitsandbytes") else "adamw_torch"
+backend = dotrain.Backend(name, "cuda" if cuda else "cpu", "bfloat16" if cuda else "float32", optim,
+                          load_in_4bit=cuda)
+backend.trainer_class = dotrain.shard_trainer_class(backend)
+model, tokenizer = dotrain.load_for_training(settings, backend, model_dir, Ranks())
+loaded = time.time()
+weights = torch.cuda.memory_allocated() if cuda else None
+generator = torch.Generator().manual_seed(0)
+ids = torch.randint(0, model.config.vocab_size, (4, length), generator=generator).tolist()
+rows = prepare(datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}), True, length)
+trainer = dotrain.make_trainer(settings, backend, model, tokenizer, rows, SimpleNamespace(trainer=work), 2)
 trainer.shard, trainer.seconds = 0, time.perf_counter
+if cuda:
+    torch.cuda.reset_peak_memory_stats()
 trainer.train()
-scale = trainer.accelerator.scaler.get_scale()
-losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-print(json.dumps({"steps": trainer.state.global_step, "schedule_steps": trainer.lr_scheduler.last_epoch,
-                  "loss_scale": scale, "skipped_steps": round(math.log2(65536 / scale)), "losses": losses,
-                  "model_dtype": str(model.dtype)}))
-assert trainer.lr_scheduler.last_epoch == trainer.state.global_step, "the schedule lags the steps"
-assert all(math.isfinite(loss) for loss in losses), losses
-print("fp16 with loss scaling: the schedule is on the step count")
+peaks = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) if cuda else (None, None)
+gib = lambda value: None if value is None else round(value / 2**30, 2)  # noqa: E731
+result = {"backend": name, "gpu": torch.cuda.get_device_name() if cuda else None,
+          "load_in_4bit": backend.load_in_4bit, "optim": optim, "tokens_per_step": 2 * length,
+          "layers": model.config.num_hidden_layers, "vocab_size": model.config.vocab_size,
+          "weights_gib": gib(weights), "peak_allocated_gib": gib(peaks[0]), "peak_reserved_gib": gib(peaks[1]),
+          "embeddings_dtype": str(model.get_input_embeddings().weight.dtype),
+          "output_layer_dtype": str(model.get_output_embeddings().weight.dtype),
+          "load_seconds": round(loaded - began), "train_seconds": round(time.time() - loaded)}
+print(json.dumps(result))
+with open(results, "a") as f:
+    f.write(json.dumps(result) + "\n")
+if cuda:  # the embeddings and output layer stay 16-bit on the 4-bit base (not float32)
+    assert result["embeddings_dtype"] == result["output_layer_dtype"] == "torch.bfloat16", result
 PY
+  done
 }
 
 gpu_train() {
@@ -378,15 +555,17 @@ part s3 setup.log 45 start_s3
 part inputs setup.log 90 make_inputs
 if [ "$SMOKE" = 1 ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   UNSLOTH_RUN+=(TRAIN_BACKEND=peft)  # no CUDA: the same lines, trained with peft
+  BACKENDS=peft
 fi
-for name in ${PARTS:-unsloth peft gpu_train fp16 qlora}; do
+for name in ${PARTS:-unsloth peft gpu_train fp16 qlora peak8b}; do
   case "$SMOKE $name" in
     *" unsloth") part unsloth unsloth.log 200 "pipeline unsloth ${UNSLOTH_RUN[*]@Q}" ;;
     *" peft") part peft peft.log 150 "pipeline peft ${PEFT_RUN[*]@Q}" ;;
+    *" fp16") part fp16 fp16.log 150 fp16 ;;
+    *" qlora") part qlora qlora.log 360 qlora ;;
+    *" peak8b") part peak8b peak8b.log 300 peak8b ;;
     "1 "*) note "$name" skipped "GPU_PROOF_SMOKE=1" ;;
     *" gpu_train") part gpu_train gpu_train.log "${GPU_TRAIN_LIMIT:-200}" gpu_train ;;
-    *" fp16") part fp16 extra.log 60 fp16 ;;
-    *" qlora") part qlora extra.log 150 qlora ;;
   esac
 done
 echo "== summary: ${SECONDS}s in all; logs in $OUT"

@@ -266,9 +266,10 @@ def measure(name, work, smoke):
     longest = SMOKE_MAX_SEQ_LENGTH if smoke else MAX_SEQ_LENGTH
     settings = SimpleNamespace(
         train_backend=backend_name, train_device="auto", load_in_4bit=four_bit, seed=3407, lora_r=16,
-        lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear", learning_rate=2e-4,
-        lr_scheduler="linear", batch_size=2, grad_accum=GRAD_ACCUM[shape], warmup_steps=5,
-        weight_decay=0.01, max_seq_length=longest, packing=True, save_steps=10**9, logging_steps=10**9,
+        gradient_checkpointing="auto", lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear",
+        learning_rate=2e-4, lr_scheduler="linear", batch_size=2, grad_accum=GRAD_ACCUM[shape],
+        warmup_steps=5, weight_decay=0.01, max_seq_length=longest, packing=True, save_steps=10**9,
+        logging_steps=10**9,
         report_to="none")
     ranks = Ranks()
     model_dir = work / shape

@@ -265,6 +265,43 @@ def test_logits_check_fails_an_adapter_of_zeros(tiny_model, tmp_path):
                              examples_of(tiny_model))
 
 
+def test_logits_check_on_a_base_partly_offloaded(tiny_model, tmp_path):
+    """A base that does not fit the GPU: device_map="auto" keeps part of it in RAM (on a GPU node)
+    or on disk. Given the offload hooks' empty weights, peft would make the adapter on `meta`
+    (and fail to dispatch it): the check loads it beside the weights themselves, and refuses in
+    one line a base that would go to disk (here, where the CPU is the only device, any part
+    beyond `max_memory`)."""
+    make_adapter(tiny_model, tmp_path / "lora", b_std=0.05)
+    fuse(tiny_model, tmp_path / "lora", tmp_path / "fused")
+    examples = examples_of(tiny_model)
+    paths = str(tiny_model), str(tmp_path / "lora"), str(tmp_path / "fused")
+    check, _ = export.check_logits(*paths, examples, max_memory={"cpu": 2**30})  # it fits
+    assert check["distance_over_effect"] < export.LOGITS_TOLERANCE / 4
+
+    # The base as device_map="auto" leaves it on a GPU node, part of it offloaded to RAM: each
+    # weight on `meta` in the model, its values in the offload hooks (accelerate moves them to
+    # the GPU as each module runs; here the CPU is that device too).
+    import torch
+    from accelerate import cpu_offload
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    reference = export.logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                                        tmp_path / "lora"), examples)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    cpu_offload(base, execution_device=torch.device("cpu"))
+    base.hf_device_map = {"model": "cpu", "lm_head": "cpu"}
+    assert {parameter.device.type for parameter in base.parameters()} == {"meta"}
+    adapted = export.with_adapter(base, tmp_path / "lora")
+    assert {p.device.type for name, p in adapted.named_parameters() if "lora_" in name} == {"cpu"}
+    assert torch.equal(export.logits(adapted, examples), reference)
+
+    three_quarters = (tiny_model / "model.safetensors").stat().st_size * 3 // 4
+    with pytest.raises(common.UserError, match="part of it would go to disk") as refused:
+        export.check_logits(*paths, examples, max_memory={"cpu": three_quarters})
+    assert "\n" not in str(refused.value) and "a rerun only exports" in str(refused.value)
+
+
 def write_rows(path, rows):
     pq.write_table(pa.table({
         "input_ids": pa.array([ids for ids, _ in rows], pa.list_(pa.int32())),
@@ -389,6 +426,13 @@ def test_trained_run_exports_a_checked_model_that_stops_at_its_end_of_turn(train
     assert check["merge"]["max_error_in_half_ulps"] <= 1
     assert check["effect_over_base"] > export.EFFECT_FLOOR
     assert check["distance_over_effect"] <= export.LOGITS_TOLERANCE
+    # fused/'s evaluation loss beside the trained model's (which, with LOAD_IN_4BIT, is the
+    # 4-bit base's): here the same base, float32 in training and bfloat16 in fused/
+    metrics = json.loads((bucket / DONE / "metrics.json").read_text())
+    eval_loss = done["eval_loss"]
+    assert metrics["eval_loss"] == eval_loss and eval_loss["rows"] == 12
+    assert eval_loss["after"] < eval_loss["before"] - 0.5
+    assert eval_loss["after_fused"] == pytest.approx(eval_loss["after"], rel=0.01)
     # The first held-out rows: never trained on.
     assert check["rows"]["held_out"] is True
     assert check["rows"]["paths"] == [data["eval"][0]["path"]]

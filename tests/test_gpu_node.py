@@ -103,3 +103,195 @@ def test_the_schedule_stays_on_the_step_count_when_fp16_skips_a_step():
         keep.on_step_end(TrainingArguments("unused"), state, TrainerControl(), lr_scheduler=schedule)
         assert schedule.last_epoch == step
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0 * (10 - 6) / (10 - 2))
+
+
+# ---------------------------------------------------------------- fp16's loss scaler
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from synthetic import make_model, make_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny")
+    make_tokenizer(out / "tokenizer")
+    return make_model(out / "model", out / "tokenizer")
+
+
+def tiny_trainer(backend, model_dir, output_dir, max_steps, callbacks=(), save_steps=1000):
+    """dotrain's trainer of the tiny model on max_steps rows of 16 tokens, one row a step."""
+    from types import SimpleNamespace
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    from training.processes import Ranks
+
+    settings = SimpleNamespace(seed=0, batch_size=1, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
+                               weight_decay=0.0, max_seq_length=64, packing=False, save_steps=save_steps,
+                               logging_steps=1, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                               lora_targets="all-linear", lr_scheduler="linear", report_to="none")
+    model, _ = dotrain.load_for_training(settings, backend, str(model_dir), Ranks())
+    ids = [[5 + (row + k) % 40 for k in range(16)] for row in range(max_steps)]
+    rows = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    trainer = dotrain.make_trainer(settings, backend, model, AutoTokenizer.from_pretrained(model_dir),
+                                   rows, SimpleNamespace(trainer=str(output_dir)), max_steps, callbacks)
+    trainer.shard, trainer.seconds = 0, lambda: 0.0
+    return trainer
+
+
+def fp16_trainer(model_dir, output_dir, max_steps, overflow_at, callbacks, save_steps=1000):
+    """dotrain's trainer in fp16, on the CPU, whose loss overflows (inf) at the steps
+    `overflow_at`. accelerate gives fp16 on the CPU no loss scaler: this one gets torch's CPU
+    GradScaler, where accelerate gives a CUDA one on a GPU (the same mechanism: a step whose
+    gradients are not finite is skipped and the scale halved)."""
+    import math
+
+    import torch
+
+    backend = dotrain.Backend("peft", "cpu", "float16", "adamw_torch")
+
+    class Overflowing(dotrain.shard_trainer_class(backend)):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            return loss * math.inf if self.state.global_step + 1 in overflow_at else loss
+
+    backend.trainer_class = Overflowing
+    trainer = tiny_trainer(backend, model_dir, output_dir, max_steps, callbacks, save_steps)
+    trainer.accelerator.scaler, trainer.accelerator.native_amp = torch.amp.GradScaler("cpu"), True
+    return trainer
+
+
+def logged(trainer, key):
+    return [entry.get(key) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_fp16_overflow_is_logged_counted_and_carried_across_a_resume(tiny_model, tmp_path, capsys):
+    import math
+
+    from training.precision import skipped_steps
+    from training.shards import UnitRecord
+
+    # Steps 1-3 (step 2 overflows), saved at step 3 as a checkpoint.
+    records = {"0": UnitRecord()}
+    first = fp16_trainer(tiny_model, tmp_path, 3, {2}, [skipped_steps(records, records["0"], 0.05)],
+                         save_steps=3)
+    first.train()
+    losses = logged(first, "loss")
+    assert math.isinf(losses[1]) and all(math.isfinite(loss) and loss > 0 for loss in losses[::2]), losses
+    assert logged(first, "loss_scale") == [65536.0, 32768.0, 32768.0]
+    assert records["0"].skipped_steps == [2]
+    assert "step 2: the fp16 loss scaler skipped the optimizer step" in capsys.readouterr().out
+    pointer = {key: record.as_json() for key, record in records.items()}  # as latest.json holds them
+
+    # Resumed from it (its records from the pointer, the loss scale from the checkpoint) to step
+    # 6, step 4 overflowing: the run's skipped steps and the scale go on from where they were.
+    records = {key: UnitRecord(**record) for key, record in pointer.items()}
+    second = fp16_trainer(tiny_model, tmp_path, 6, {4}, [skipped_steps(records, records["0"], 0.05)])
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    losses = logged(second, "loss")
+    assert [math.isfinite(loss) for loss in losses] == [True, False, True, False, True, True], losses
+    assert logged(second, "loss_scale")[3:] == [16384.0, 16384.0, 16384.0]
+    assert records["0"].skipped_steps == [2, 4]
+    assert second.lr_scheduler.last_epoch == second.state.global_step == 6
+
+
+def test_fp16_fails_the_run_in_one_line_once_too_many_steps_are_skipped(tiny_model, tmp_path):
+    from training.precision import SCALE_SEARCH_STEPS, skipped_steps, too_many_skipped
+    from training.shards import UnitRecord
+
+    # 16 skipped steps (finding a scale from 2^16) pass however few steps there were; beyond,
+    # MAX_SKIPPED_FRACTION of the steps may be skipped.
+    assert SCALE_SEARCH_STEPS == 16
+    assert not too_many_skipped(16, 16, 0.05) and too_many_skipped(17, 17, 0.05)
+    assert not too_many_skipped(50, 1000, 0.05) and too_many_skipped(51, 1000, 0.05)
+    assert not too_many_skipped(17, 20, 1.0)
+
+    # Every step from step 2 on overflows: the run stops at the 17th skipped step (step 18).
+    records = {"0": UnitRecord(skipped_steps=[]), "1": UnitRecord()}
+    trainer = fp16_trainer(tiny_model, tmp_path, 30, set(range(2, 31)),
+                           [skipped_steps(records, records["1"], 0.05)])
+    with pytest.raises(common.UserError) as failed:
+        trainer.train()
+    assert trainer.state.global_step == 18 and len(records["1"].skipped_steps) == 17
+    assert "\n" not in str(failed.value)
+    assert str(failed.value).startswith("the fp16 loss scaler skipped 17 of the first 18 optimizer "
+                                        "steps (their gradients overflowed float16), more than "
+                                        "MAX_SKIPPED_FRACTION=0.05 of them")
+
+
+def test_ddp_searches_no_unused_parameters_and_checkpointing_follows_the_setting(tiny_model, tmp_path):
+    for checkpointing, expected in ((None, False), (True, True)):  # None: auto, off on the CPU
+        backend = dotrain.Backend("peft", "cpu", "float32", "adamw_torch", gradient_checkpointing=checkpointing)
+        backend.trainer_class = dotrain.shard_trainer_class(backend)
+        trainer = tiny_trainer(backend, tiny_model, tmp_path, 1)
+        # (transformers would have DDP search for unused parameters after every backward of a
+        # PeftModel: every LoRA weight is used at every step)
+        assert trainer.accelerator.ddp_handler.find_unused_parameters is False
+        assert trainer.args.gradient_checkpointing is expected
+    assert dotrain.Backend("peft", "cuda", "bfloat16", "adamw_8bit").gradient_checkpointing is True
+
+
+# ---------------------------------------------------------------- a resume on another kind of GPU
+
+
+@pytest.mark.parametrize("planned, dtype, outcome", [
+    (None, "float16", None),  # a plan from before precisions were recorded
+    ("bfloat16", "bfloat16", None),
+    ("float16", "bfloat16", "trained in float16: resuming in bfloat16"),
+    ("bfloat16", "float32", "trained in bfloat16: resuming in float32"),
+    ("float32", "bfloat16", "trained in float32: resuming in bfloat16"),
+    ("bfloat16", "float16", "error: the checkpoints of this run were trained in bfloat16 and this GPU "
+     "computes float16 only"),
+    ("float32", "float16", "error: the checkpoints of this run were trained in float32 and this GPU"),
+])
+def test_a_resume_in_another_precision_goes_on_unless_it_is_into_float16(planned, dtype, outcome):
+    from training.precision import precision_change
+
+    if outcome and outcome.startswith("error: "):
+        with pytest.raises(common.UserError, match=outcome.removeprefix("error: ")) as refused:
+            precision_change(planned, dtype)
+        assert "--gpus L4:1" in str(refused.value) and "REBUILD=dotrain" in str(refused.value)
+    else:
+        changed = precision_change(planned, dtype)
+        assert changed == outcome or outcome in changed
+
+
+def test_the_plan_records_its_precision_and_a_cpu_resume_of_a_gpu_run_says_so(capsys):
+    from types import SimpleNamespace
+
+    from training.processes import Ranks
+    from training.shards import Plan
+
+    settings = SimpleNamespace(train_device="auto", train_backend="auto", load_in_4bit=False,
+                               gradient_checkpointing="auto")
+    plan = Plan.from_manifest(Plan({}, optim="adamw_torch", dtype="bfloat16", world_size=1).manifest())
+    assert plan.dtype == "bfloat16"
+    backend = dotrain.choose_backend(settings, Ranks(), plan)
+    assert (backend.device, backend.dtype) == ("cpu", "float32")
+    assert "the checkpoints of this run were trained in bfloat16: resuming in float32" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- QLoRA with transformers + peft
+
+
+def test_the_4bit_base_is_prepared_without_casting_its_16_bit_weights_to_float32(tiny_model):
+    """bitsandbytes needs CUDA: what load_for_training does to the 4-bit base besides quantizing
+    it, on the 16-bit model (bench/gpu_proof.sh measures the 4-bit 8B shape on a GPU)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
+    assert set(dtypes.values()) == {torch.bfloat16}
+    model = dotrain.prepare_for_4bit_training(model)
+    # embeddings, output layer and norms stay 16-bit (peft's prepare_model_for_kbit_training
+    # makes every one of them float32), and the base is frozen
+    assert {name: parameter.dtype for name, parameter in model.named_parameters()} == dtypes
+    assert not any(parameter.requires_grad for parameter in model.parameters())
+    # gradients reach the adapters through checkpointed layers: the embeddings' output needs grad
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    trainable = {parameter.dtype for parameter in adapted.parameters() if parameter.requires_grad}
+    assert trainable == {torch.float32}  # only the adapters, in float32
+    assert adapted.get_output_embeddings().weight.dtype == torch.bfloat16

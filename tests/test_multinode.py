@@ -1,6 +1,6 @@
 """allatonce.yaml's run block on two nodes at once (two bash processes on this machine, as
 SkyPilot runs it on each node), each with two training processes (torchrun, DDP on the CPU
-with gloo, as two GPUs a node would run)."""
+with gloo, as two GPUs a node would run, with gradient checkpointing as on GPUs)."""
 
 import contextlib
 import json
@@ -85,12 +85,13 @@ def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_wr
     inputs = demo.make_inputs(tmp_path / "inputs", rows=160)
     env = demo.demo_env(s3["AWS_ENDPOINT_URL_S3"], s3["BUCKET_NAME"], inputs, tmp_path,
                         SHARD_SIZE="50", MAX_SEQ_LENGTH="128", GRAD_ACCUM="1", OMP_NUM_THREADS="1",
-                        WAIT_TIMEOUT="300", SAVE_STEPS="1", EVAL_ROWS="8")
+                        WAIT_TIMEOUT="300", SAVE_STEPS="1", EVAL_ROWS="8", GRADIENT_CHECKPOINTING="1")
     world = 2 * GPUS
     # Both nodes killed inside the second shard, then launched again: they resume there.
     killed_at, outputs = kill_nodes_when(env, tmp_path, lambda pointer: pointer["shard"] == 1
                                          and pointer["steps_into_shard"] > 0)
     assert "node 1 of 2" in outputs[1]  # pretokenize gave node 1 its share
+    assert "backend: peft on cpu, float32, adamw_torch, gradient checkpointing" in outputs[0]
     outputs = start_nodes(env, tmp_path)
     assert f"resuming at step {killed_at['step']}: shard {killed_at['shard']}" in outputs[0]
 

@@ -6,6 +6,8 @@
                     training, one ahead, in a process of its own
     checkpoints.py  the checkpoint protocol in the bucket: uploads, the pointer, whole checkpoints,
                     resuming
+    precision.py    fp16's skipped optimizer steps (counted, logged, bounded) and what a resume on
+                    another kind of GPU may change
     export.py       lora_model/ and fused/ from the last checkpoint, checked, then the done manifest
     merge.py        the adapter merged into the base one weights file at a time, every weight checked
     report.py       what a run reports: metrics.json, loss.png, its summary lines, REPORT_TO

@@ -55,9 +55,10 @@ EFFECT_FLOOR = 2 ** -8
 LOGITS_TOLERANCE = 0.25
 
 
-def export(run, model_dir, plan, inputs, work):
-    """lora_model/ and fused/ from the last checkpoint, checked against each other, metrics,
-    then the done manifest."""
+def export(run, model_dir, plan, inputs, work, held_out_loss):
+    """lora_model/ and fused/ from the last checkpoint, checked against each other, fused/'s
+    evaluation loss (`held_out_loss(model, tokenizer)`: None without held-out rows) beside the
+    trained model's, metrics, then the done manifest."""
     settings, bucket = run.settings, run.bucket
     pointer = resume_point(bucket, run.checkpoints)
     checkpoint = fetch_checkpoint(bucket, run.checkpoints, pointer, work.export, EXPORTED_FILES)
@@ -71,9 +72,15 @@ def export(run, model_dir, plan, inputs, work):
     check.update(merge=merge, rows=rows)
     sample = generate(fused, tokenizer, settings.sample_prompt)
     log(f"sample (greedy, fused model): {settings.sample_prompt!r} -> {sample!r}")
+    fused_loss = held_out_loss(fused, tokenizer)
     del fused
 
     metrics = run_metrics(checkpoint, plan, pointer)
+    evaluations = metrics["evaluations"]
+    # The trained model's loss is the 4-bit base's with LOAD_IN_4BIT; fused/ holds the 16-bit one.
+    metrics["eval_loss"] = {"before": evaluations[0]["eval_loss"], "after": evaluations[-1]["eval_loss"],
+                            "after_fused": round(fused_loss, 6), "rows": run.data.get("eval_rows")} \
+        if evaluations else None
     peaks = metrics["work_dir_peak_bytes"] or {}
     peaks["node 0"] = max(peaks.get("node 0", 0), work.peak_bytes)  # the export's files too
     metrics["work_dir_peak_bytes"] = peaks
@@ -83,19 +90,19 @@ def export(run, model_dir, plan, inputs, work):
             bucket.upload(os.path.join(folder, name), f"{run.done}/{os.path.basename(folder)}/{name}")
     bucket.put(f"{run.done}/metrics.json", json.dumps(metrics, indent=1).encode())
     bucket.upload(os.path.join(work.export, "loss.png"), f"{run.done}/loss.png")
-    evaluations = metrics["evaluations"]
     write_manifest(bucket, run.done, {
         "complete": True, "inputs": inputs, "shards": metrics["shards"], "rows": plan.rows,
         "total_steps": plan.total_steps, "tokens_seen": metrics["tokens_seen"],
         "backend": pointer["backend"], "check": check,
-        "eval_loss": {"before": evaluations[0]["eval_loss"], "after": evaluations[-1]["eval_loss"],
-                      "rows": run.data.get("eval_rows")} if evaluations else None,
+        "eval_loss": metrics["eval_loss"],
         "sample": {"prompt": settings.sample_prompt, "completion": sample},
         "outputs": ["lora_model/", "fused/", "metrics.json", "loss.png"]
         + (["tensorboard/"] if settings.report_to == "tensorboard" else [])})
     log(f"{bucket.url(run.done)} complete: {plan.total_steps} steps, lora_model/ and fused/")
     if evaluations:
-        log(evaluation_summary(evaluations, run.data.get("eval_rows")))
+        base = "the 16-bit base, not the 4-bit one it trained on" if settings.load_in_4bit else "the base"
+        log(f"{evaluation_summary(evaluations, run.data.get('eval_rows'))}; {fused_loss:.4f} for fused/ "
+            f"(the adapter merged into {base})")
     shutil.rmtree(work.root, ignore_errors=True)
 
 
@@ -180,30 +187,29 @@ def check_examples(bucket, prefix, data, plan):
                       "positions": sum(len(positions) for _, positions in examples)}
 
 
-def check_logits(model_dir, lora_dir, fused_dir, examples):
+def check_logits(model_dir, lora_dir, fused_dir, examples, max_memory=None):
     """That fused/ is base + adapter: on the trained positions of `examples` the adapter must
     move the logits by more than EFFECT_FLOOR of their size, and fused/ must be within
     LOGITS_TOLERANCE of that move from base + adapter (root mean squares over positions and
-    vocabulary). Runs where the model runs: loaded straight onto the GPUs, or on the CPU in the
-    base's dtype (one model at a time). The figures, and the fused model."""
+    vocabulary). Runs where the model runs: loaded straight onto the GPUs, what does not fit
+    them in RAM (accelerate moves it in as it runs; `max_memory` caps each device, as
+    accelerate takes it), or on the CPU in the base's dtype (one model at a time). The figures,
+    and the fused model."""
     import torch
-    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # on stderr, before a one-line error
-    where = {"device_map": "auto"} if torch.cuda.is_available() else {}  # dtype: the checkpoint's
+    dispatched = torch.cuda.is_available() or max_memory
+    where = {"device_map": "auto", "max_memory": max_memory} if dispatched else {}  # dtype: the checkpoint's
     base = AutoModelForCausalLM.from_pretrained(model_dir, **where)
-    adapted = PeftModel(base, LoraConfig.from_pretrained(lora_dir))
-    loaded = adapted.load_adapter(lora_dir, "default")  # (PeftModel.from_pretrained only warns)
-    if loaded.missing_keys or loaded.unexpected_keys:
-        raise UserError(f"peft loads the adapter in {lora_dir} with {len(loaded.missing_keys)} missing "
-                        f"keys {short(loaded.missing_keys)} and {len(loaded.unexpected_keys)} "
-                        f"unexpected keys {short(loaded.unexpected_keys)}: it does not fit the base")
+    devices = sorted({str(device) for device in getattr(base, "hf_device_map", {}).values()})
+    adapted = with_adapter(base, lora_dir, max_memory)
     reference = logits(adapted, examples)
     with adapted.disable_adapter():
         without = logits(adapted, examples)
     figures = {"dtype": str(base.dtype).removeprefix("torch."), "device": str(base.device),
+               **({"devices": devices} if devices else {}),
                "base_rms": rms(without), "adapter_effect_rms": rms(reference - without)}
     del base, adapted, without
     gc.collect()
@@ -232,6 +238,32 @@ def check_logits(model_dir, lora_dir, fused_dir, examples):
                         "under half its ulp rounds away): train longer or with a higher "
                         "LEARNING_RATE; nothing was published")
     return figures, fused
+
+
+def with_adapter(base, lora_dir, max_memory=None):
+    """`base` with the adapter in lora_dir, which must fit it (PeftModel.from_pretrained only warns
+    of missing keys). On a base that device_map="auto" partly offloaded to RAM the adapter is made
+    beside the weights themselves, as PeftModel.from_pretrained does, not beside the offload
+    hooks' empty ones (on `meta`), and load_adapter dispatches the adapted model again, within
+    `max_memory`; a base partly on disk is refused (peft cannot load an adapter beside it)."""
+    from accelerate.hooks import remove_hook_from_submodules
+    from peft import LoraConfig, PeftModel
+
+    devices = {str(device) for device in getattr(base, "hf_device_map", {}).values()}
+    if "disk" in devices:
+        raise UserError(f"the export's logits check needs the base model {base.name_or_path} in GPU "
+                        "memory and RAM, and part of it would go to disk, beside which peft cannot "
+                        "load an adapter: export on a machine with more memory (training is done: "
+                        "a rerun only exports); nothing was published")
+    if "cpu" in devices:
+        remove_hook_from_submodules(base)
+    adapted = PeftModel(base, LoraConfig.from_pretrained(lora_dir))
+    loaded = adapted.load_adapter(lora_dir, "default", max_memory=max_memory)
+    if loaded.missing_keys or loaded.unexpected_keys:
+        raise UserError(f"peft loads the adapter in {lora_dir} with {len(loaded.missing_keys)} missing "
+                        f"keys {short(loaded.missing_keys)} and {len(loaded.unexpected_keys)} "
+                        f"unexpected keys {short(loaded.unexpected_keys)}: it does not fit the base")
+    return adapted
 
 
 def logits(model, examples):

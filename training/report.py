@@ -12,7 +12,7 @@ from training.shards import units
 from training.speed import summary
 
 STEP_KEYS = ("step", "shard", "loss", "learning_rate", "grad_norm", "tokens_per_second",
-             "num_input_tokens_seen", "seconds", "shapes")
+             "num_input_tokens_seen", "seconds", "shapes", "loss_scale")  # (loss_scale: fp16's)
 
 
 def read_log(checkpoint):
@@ -36,8 +36,8 @@ def run_metrics(checkpoint, plan, pointer):
     """Loss, learning rate and tokens/s of every logging step, the evaluation loss of every
     evaluation, and a summary of each unit (a shard in an epoch): its loss, the seconds training
     waited on storage (shard downloads, checkpoint uploads) and, under DDP, the sequences each
-    rank trained on; the most bytes the scratch directory held on each node; the run's speed
-    (training.speed.summary)."""
+    rank trained on; the optimizer steps fp16's loss scaler skipped; the most bytes the scratch
+    directory held on each node; the run's speed (training.speed.summary)."""
     steps, evaluations, tokens_seen, speed = read_log(checkpoint)
     shards = []
     for number, (epoch, index, start, steps_of_unit) in enumerate(units(plan)):
@@ -54,6 +54,7 @@ def run_metrics(checkpoint, plan, pointer):
             "trained_tokens": sum(shard["trained_tokens"] or 0 for shard in shards),
             "training_seconds": pointer["seconds"], "backend": pointer["backend"],
             "device": pointer["device"], "world_size": plan.world_size or 1,
+            "skipped_steps": sum(len(shard.get("skipped_steps", [])) for shard in shards),
             "work_dir_peak_bytes": plan.work_dir_peak_bytes, "speed": summary(steps, speed)}
 
 

@@ -20,12 +20,14 @@ PACK_ROWS = 1_000  # rows packed together (the batches of TRL's packing map)
 @dataclass
 class UnitRecord:
     """What training recorded of a unit (a shard in an epoch), carried by every checkpoint's
-    pointer: the seconds it waited on storage (shard downloads, checkpoint uploads) and, under
-    DDP, the sequences each rank trained on."""
+    pointer: the seconds it waited on storage (shard downloads, checkpoint uploads), under DDP
+    the sequences each rank trained on, and under fp16 the optimizer steps the loss scaler
+    skipped."""
 
     storage_wait_s: float = 0.0
     sequences_by_rank: list = None
     sequences_before_resume: int = None
+    skipped_steps: list = None  # global step numbers
 
     def waited(self, seconds):
         self.storage_wait_s = round(self.storage_wait_s + seconds, 3)
@@ -48,6 +50,7 @@ class Plan:
     total_steps: int = None
     world_size: int = None
     optim: str = None  # the optimizer whose state the checkpoints hold
+    dtype: str = None  # the precision they were trained in
     shards_io: dict = None  # {unit number: UnitRecord.as_json()}
     work_dir_peak_bytes: dict = None  # {"node N": bytes}
 
