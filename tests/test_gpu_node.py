@@ -266,7 +266,7 @@ def test_the_plan_records_its_precision_and_a_cpu_resume_of_a_gpu_run_says_so(ca
                                gradient_checkpointing="auto")
     plan = Plan.from_manifest(Plan({}, optim="adamw_torch", dtype="bfloat16", world_size=1).manifest())
     assert plan.dtype == "bfloat16"
-    backend = dotrain.choose_backend(settings, Ranks(), plan)
+    backend = dotrain.choose_backend(settings, Ranks(), plan, None)  # (no GPU: the model's size is not read)
     assert (backend.device, backend.dtype) == ("cpu", "float32")
     assert "the checkpoints of this run were trained in bfloat16: resuming in float32" in capsys.readouterr().out
 
