@@ -2,9 +2,6 @@
 it so that training learns the assistant's answers only.
 
     model-ready/<MODEL_NAME>/<DATASET_NAME>/<INPUTS>/shard-NNNNN/part-NNNNN.parquet
-        <INPUTS>: 12 hex digits of the fingerprint of what the output is made from (the data,
-        the tokenizer, the data settings: common.model_ready_inputs), so that the data made with
-        other settings sits beside it;
         each standardized shard in parts of whole row groups (PART_SIZE rows or more):
         input_ids, labels (list<int32>), source_row (int64), length (int32, the tokens of the
         row). labels are -100 except on each assistant answer and the end-of-turn token that
@@ -16,6 +13,10 @@ it so that training learns the assistant's answers only.
     .../_parts/shard-NNNNN/part-NNNNN.json    a finished part's statistics and inputs
     .../_manifest.json     written by whichever node finds every part finished: each shard with
         its parts, the eval files, the end-of-turn text, the totals
+
+<INPUTS> is 12 hex digits of the fingerprint of what the output is made from (the data, the
+tokenizer, the data settings: common.model_ready_inputs): the data of other settings sits
+beside it, and dotrain.py finds it by the same settings.
 
 The tokenizer comes from the bucket's copy of the model (import-model.py), never from the Hub.
 Rows longer than MAX_SEQ_LENGTH tokens are truncated and counted; rows left without a trained

@@ -395,6 +395,11 @@ def test_unpacked_capped_run_on_a_local_bucket(local_bucket, inputs, tmp_path):
     if not torch.cuda.is_available():
         refused = run_step("dotrain.py", {**env, "TRAIN_BACKEND": "unsloth"}, check=False)
         assert refused.returncode == 1 and "needs a CUDA GPU" in refused.stderr
+    # Data settings pretokenize.py did not run with name data that is not there.
+    refused = run_step("dotrain.py", {**env, "EVAL_ROWS": "7"}, check=False)
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert refused.stderr.endswith(" is not complete: run pretokenize.py (with the same "
+                                   "MAX_SEQ_LENGTH, CHAT_TEMPLATE, EVAL_ROWS and PART_SIZE) first\n")
     run_step("dotrain.py", env)
     done = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/_manifest.json"))
     assert done["total_steps"] == 3 and done["inputs"]["packing"] is False

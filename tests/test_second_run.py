@@ -269,3 +269,25 @@ def test_one_launch_at_a_time_trains_a_run(env, proxy):
     recovered = run_step("dotrain.py", first)
     assert "this job's own" in recovered.stdout and f"resuming at step {killed_at}" in recovered.stdout
     assert done_manifest(env)["complete"] and get_json(env, lease) is None  # released at the end
+
+
+def test_a_lease_is_renewed_until_it_is_released(tmp_path):
+    from types import SimpleNamespace
+
+    from common import Bucket, UserError
+    from training.lease import Lease
+
+    bucket = Bucket(SimpleNamespace(bucket_name=str(tmp_path / "bucket")))
+    lease = Lease(bucket, "checkpoints/run", "job-1", seconds=0.3)
+    lease.take()
+    taken = json.loads(bucket.get(lease.key))
+    renewing = threading.Thread(target=lease.renew)
+    renewing.start()
+    deadline = time.time() + 60
+    while json.loads(bucket.get(lease.key))["renewed"] == taken["renewed"] and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(UserError, match="another launch is training this run"):
+        Lease(bucket, "checkpoints/run", "job-2", seconds=60).take()
+    lease.release()
+    renewing.join()
+    assert bucket.get(lease.key) is None

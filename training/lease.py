@@ -109,12 +109,12 @@ def this_machine():
 
 def ended(held):
     """Whether the lease's process is known to be gone: it ran on this machine and is no longer
-    there (or is a zombie, or is this very process, after an exec)."""
+    there (or is a zombie)."""
     if held.get("machine") is None or held.get("machine") != this_machine():
         return False
     try:
         with open(f"/proc/{held['pid']}/stat") as f:
-            return held["pid"] == os.getpid() or f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
 
