@@ -16,7 +16,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlparse
 
@@ -314,8 +314,10 @@ class Bucket:
         try:
             # Few attempts: an unreachable endpoint or a missing bucket should fail in seconds.
             response = boto3_client(self.settings, attempts=2).head_bucket(Bucket=self.name)
-            # The server's clock, to tell uploads begun before this run (abort_stale_uploads).
+            # The server's clock, to tell uploads begun before this run (abort_stale_uploads)
+            # and a lease's age (now).
             self.opened_at = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+            self.opened_monotonic = time.monotonic()
         except bex.ClientError as e:
             code = str(e.response.get("Error", {}).get("Code"))
             if code in ("404", "NoSuchBucket"):
@@ -326,6 +328,14 @@ class Bucket:
                 raise UserError(f"access to bucket {self.name!r} denied: check AWS_ACCESS_KEY_ID "
                                 "and AWS_SECRET_ACCESS_KEY, and that the key may use this bucket") from None
             raise
+
+    def now(self):
+        """The bucket's clock: the server's time when check() reached it, plus the time since on
+        this machine's monotonic clock (a local directory: this machine's clock). Machines whose
+        clocks disagree agree on this one, to a second."""
+        if self.is_local:
+            return datetime.now(timezone.utc)
+        return self.opened_at + timedelta(seconds=time.monotonic() - self.opened_monotonic)
 
     def exists(self, key):
         return self.fs.exists(self.path(key))
@@ -535,8 +545,13 @@ def model_prefix(model):
     return f"models/{model}"
 
 
-def model_ready_prefix(model, dataset):
-    return f"model-ready/{model}/{dataset}"
+def model_ready_prefix(model, dataset, inputs):
+    """model-ready/<MODEL_NAME>/<DATASET_NAME>/<12 hex digits of the fingerprint of
+    pretokenize's inputs, without a rebuild mark>: each set of inputs (data settings, data,
+    tokenizer, step version) has a folder of its own, so that runs made from other data
+    settings (a sweep over MAX_SEQ_LENGTH) keep theirs side by side, and replacing one never
+    touches another's."""
+    return f"model-ready/{model}/{dataset}/{fingerprint(inputs)[:12]}"
 
 
 def checkpoints_prefix(model, dataset, run=None):
@@ -783,6 +798,52 @@ def sha256_file(path, chunk=8 * 2**20):
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- the model-ready data
+
+
+MODEL_READY_STEP = "model-ready/4"  # bump when a change alters what pretokenize.py produces
+# What pretokenize.py makes the data with: dotrain.py finds the data made with the same ones.
+DATA_SETTINGS = [
+    Setting("MAX_SEQ_LENGTH", 4096, "tokens per row: pretokenize.py truncates longer rows, and "
+            "training packs rows into sequences of this length", int, minimum=1),
+    Setting("CHAT_TEMPLATE", "model", "model: the model's own chat template; chatml: ChatML "
+            "(for a model that has none)", choices=("model", "chatml")),
+    Setting("EVAL_ROWS", 200, "conversations held out of training for the evaluation loss, spread "
+            "evenly over the whole dataset (at most a tenth of it; 0: none)", int, minimum=0),
+    Setting("PART_SIZE", 20_000, "rows per part: each standardized shard is tokenized and "
+            "committed in parts of whole row groups, which nodes share", int, minimum=1),
+]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "vocab.txt", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_SUFFIXES = (".model", ".tiktoken")
+
+
+def tokenizer_fingerprint(model):
+    files = [(entry["path"], entry["sha256"]) for entry in model["shards"]
+             if entry["path"] in TOKENIZER_FILES or entry["path"].endswith(TOKENIZER_SUFFIXES)]
+    return fingerprint(sorted(files))
+
+
+def model_ready_inputs(settings, standardized, model):
+    """What pretokenize.py's output is made from (before a rebuild mark): the step's version,
+    the standardized data, the model and its tokenizer files, and DATA_SETTINGS."""
+    return {"step": MODEL_READY_STEP, "standardized": manifest_fingerprint(standardized),
+            "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
+            "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
+            "eval_rows": settings.eval_rows, "part_size": settings.part_size}
+
+
+def model_ready_location(bucket, settings):
+    """The prefix of the model-ready data that pretokenize.py makes with these settings (and
+    dotrain.py trains on), from the standardized and model manifests in the bucket."""
+    standardized = require_complete(bucket, standardized_prefix(settings.dataset_name),
+                                    "import-dataset.py")
+    model = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
+    return model_ready_prefix(settings.model_name, settings.dataset_name,
+                              model_ready_inputs(settings, standardized, model))
 
 
 # ---------------------------------------------------------------- chat templates and labels

@@ -1,9 +1,12 @@
 """Step 4: LoRA fine-tuning on the model-ready shards, one shard after another, resumable.
 
     models/<MODEL_NAME>/                        base model (import-model.py)
-    model-ready/<MODEL_NAME>/<DATASET_NAME>/    input_ids, labels, length; held-out rows (pretokenize.py)
+    model-ready/<MODEL_NAME>/<DATASET_NAME>/<INPUTS>/  input_ids, labels, length; held-out rows
+                                (pretokenize.py, with the same MAX_SEQ_LENGTH, CHAT_TEMPLATE,
+                                EVAL_ROWS and PART_SIZE: common.model_ready_location)
  -> checkpoints/<MODEL_NAME>/<DATASET_NAME>[/<RUN_NAME>]/
         _manifest.json          the plan: optimizer steps of each shard, epochs
+        lease.json              the launch training the run now: one at a time (training/lease.py)
         checkpoint-<step>/      adapter, optimizer, scheduler, every process's RNG, trainer state;
                                 _checkpoint.json, written last, says it is whole
         latest.json             the checkpoint to resume from, written once its upload finished
@@ -17,7 +20,8 @@
 NUM_EPOCHS passes over every shard, in manifest order, under one learning-rate schedule whose
 length is known before training starts: each shard's optimizer steps are counted from its rows'
 lengths alone (the packing of TRL that training uses, run on lengths). Optimizer and schedule
-carry over from shard to shard through the checkpoint saved at the end of each shard. The
+carry over from shard to shard through the checkpoint saved at the end of each shard; one is
+also saved every SAVE_STEPS steps or SAVE_MINUTES minutes, whichever comes first. The
 evaluation loss on the held-out rows is measured before the first step, at every checkpoint
 and at the end. On one CUDA GPU the backend measured faster at the model's size trains
 (bench/gpu_train.py; else unsloth when installed); elsewhere transformers + peft do; bf16
@@ -45,22 +49,24 @@ import gc
 import importlib.util
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-from common import (MODEL_CACHE_SETTING, NOT_TRAINED, Setting, UserError, abort_stale_uploads,
-                    checkpoints_prefix, done_prefix, download_model, log, manifest_fingerprint,
-                    model_fingerprint, model_prefix, model_ready_prefix, open_bucket, parse_settings,
-                    read_manifest, read_parquet_batches, require_complete, resume_or_start,
-                    run as run_step, same_inputs, with_rebuild, write_manifest)
+from common import (DATA_SETTINGS, MODEL_CACHE_SETTING, NOT_TRAINED, Setting, UserError,
+                    abort_stale_uploads, checkpoints_prefix, done_prefix, download_model, log,
+                    manifest_fingerprint, model_fingerprint, model_prefix, model_ready_location,
+                    open_bucket, parse_settings, read_manifest, read_parquet_batches,
+                    require_complete, resume_or_start, run as run_step, same_inputs, with_rebuild,
+                    write_manifest)
 from training.attention import choose as choose_attention
-from training.checkpoints import (UNNAMED_RUN_FILES, Uploads, checkpoint_saved, fetch_checkpoint,
-                                  owned_by_unnamed_run, pointer_at, resume_point)
+from training.checkpoints import (Uploads, check_run_name, checkpoint_saved, fetch_checkpoint,
+                                  pointer_at, replaced_by_force, resume_point, save_every)
 from training.export import export
+from training.fit import check_fits, model_config
+from training.lease import take_lease
 from training.merge import weights_files
 from training.processes import Ranks, RankView, Work, rank_sampler, shared_exactly
 from training.precision import precision_change, skipped_steps
@@ -110,18 +116,25 @@ SETTINGS = [
     Setting("NUM_EPOCHS", 1, "passes over the dataset, under one schedule; every sequence once "
             "per epoch, in an order shuffled per epoch with SEED", int, minimum=1),
     Setting("SEED", 3407, "seed of the LoRA initialisation and of the data order", int, minimum=0),
-    Setting("MAX_SEQ_LENGTH", 4096, "tokens per training sequence; at least the MAX_SEQ_LENGTH "
-            "that pretokenize.py cut rows to", int, minimum=8),
+    *DATA_SETTINGS,  # pretokenize.py's: they name the data to train on
     Setting("PACKING", True, "pack rows into MAX_SEQ_LENGTH sequences, padding-free (0: one "
             "padded row per sequence)", bool),
     Setting("MAX_STEPS", None, "stop after this many optimizer steps (smoke runs; default: "
             "NUM_EPOCHS epochs)", int, minimum=1),
     Setting("SAVE_STEPS", 200, "optimizer steps between checkpoints (and one at each shard's end)",
             int, minimum=1),
+    Setting("SAVE_MINUTES", 30.0, "minutes of training between checkpoints, whichever of "
+            "SAVE_STEPS and this comes first: a preemption loses this much at most (0: steps only)",
+            float, minimum=0),
+    Setting("LEASE_SECONDS", 300, "a run's lease (one launch trains it at a time) not renewed for "
+            "this long is a dead launch's, and another launch takes it over", int, minimum=30),
+    Setting("CHECK_MEMORY", True, "refuse, before downloading the model, a run estimated not to "
+            "fit the GPU's memory (0: try anyway)", bool),
     Setting("LOGGING_STEPS", 1, "optimizer steps between log lines", int, minimum=1),
     Setting("REPORT_TO", "none", "none; tensorboard: event files into done/.../tensorboard/ in the "
             "bucket; wandb: Weights & Biases (WANDB_API_KEY, a secret)",
             choices=("none", "tensorboard", "wandb")),
+    Setting("WANDB_PROJECT", "finetune", "the Weights & Biases project of the runs (REPORT_TO=wandb)"),
     Setting("WANDB_API_KEY", help="Weights & Biases key, for REPORT_TO=wandb", secret=True),
     Setting("DIST_TIMEOUT", 1800, "seconds a training process waits for the others (several GPUs "
             "or nodes) before the run fails", int, minimum=60),
@@ -136,6 +149,7 @@ CODE_VERSION = "dotrain/3"  # bump when a change alters what training produces
 
 def main():
     settings = parse_settings(__doc__, SETTINGS)
+    check_run_name(settings.run_name)
     if settings.train_device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for GPUs
     bucket = open_bucket(settings)
@@ -144,6 +158,9 @@ def main():
     if finished_before(run, run_inputs(settings, model_manifest, run.data)):
         log(f"{bucket.url(run.done)} is complete: nothing to do")
         return
+    # One launch trains a run at a time; torchrun's first process holds the lease for all.
+    lease = take_lease(bucket, run.checkpoints, settings) if os.environ.get("RANK", "0") == "0" else None
+    check_gpu_memory(settings, bucket)
     # Every node fetches and verifies the model before the processes meet, so that no download
     # runs while other processes wait in a collective.
     model_dir = download_model(bucket, settings.model_name, settings.model_cache_dir)
@@ -163,6 +180,7 @@ def main():
         if backend.name == "unsloth":
             log("exporting in a fresh process: unsloth has patched transformers in this one")
             sys.stdout.flush()
+            lease.release()  # (the fresh process takes it again)
             os.execv(sys.executable, [sys.executable, *sys.argv])
     export(run, model_dir, plan, inputs, work, held_out_loss(run))
 
@@ -184,8 +202,10 @@ class Run:
 
 
 def open_run(settings, bucket):
-    data_prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
-    return Run(settings, bucket, require_complete(bucket, data_prefix, "pretokenize.py"), data_prefix,
+    data_prefix = model_ready_location(bucket, settings)
+    data = require_complete(bucket, data_prefix, "pretokenize.py (with the same MAX_SEQ_LENGTH, "
+                            "CHAT_TEMPLATE, EVAL_ROWS and PART_SIZE)")
+    return Run(settings, bucket, data, data_prefix,
                checkpoints_prefix(settings.model_name, settings.dataset_name, settings.run_name),
                done_prefix(settings.model_name, settings.dataset_name, settings.run_name))
 
@@ -212,12 +232,8 @@ def resume_outputs(run, model_manifest):
     Outputs made from other inputs are replaced when FORCE=1 (or REBUILD) consents; a plan
     with no checkpoint yet holds nothing of value and is replaced without asking."""
     settings, bucket = run.settings, run.bucket
-    if settings.run_name and (owned_by_unnamed_run(settings.run_name)
-                              or not re.fullmatch(r"[A-Za-z0-9._-]+", settings.run_name)):
-        raise UserError(f"RUN_NAME={settings.run_name!r}: use letters, digits, '.', '_' and '-', "
-                        f"and none of {', '.join(UNNAMED_RUN_FILES)} or checkpoint-*")
     inputs = run_inputs(settings, model_manifest, run.data)
-    mine = None if settings.run_name else owned_by_unnamed_run
+    mine = replaced_by_force(settings.run_name)
     for prefix in (run.checkpoints, run.done):  # a killed run's open uploads
         abort_stale_uploads(bucket, prefix, mine)
     done = resume_or_start(bucket, run.done, inputs, settings.force, mine=mine)
@@ -343,6 +359,26 @@ def choose_backend(settings, ranks, plan, model_dir):
     return backend
 
 
+def check_gpu_memory(settings, bucket):
+    """Refuse, before the model is downloaded, a run estimated not to fit this process's GPU
+    (training/fit.py: from the model's config.json alone); without a GPU, nothing to check."""
+    import torch
+
+    if not (settings.check_memory and torch.cuda.is_available()):
+        return
+    gpu, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    config = model_config(bucket, settings.model_name)
+    faster = measured_faster(config, settings.load_in_4bit, settings.packing)[0] \
+        if world == 1 and settings.train_backend == "auto" else None
+    name, _, optim = decide(
+        settings.train_backend, torch.cuda.get_device_capability(gpu),
+        importlib.util.find_spec("unsloth") is not None,
+        importlib.util.find_spec("bitsandbytes") is not None, world, settings.load_in_4bit, faster)
+    properties = torch.cuda.get_device_properties(gpu)
+    # On CUDA the loss never holds the full logits (unsloth's fused loss, TRL's fused LM head).
+    check_fits(config, settings, name, optim, properties.name, properties.total_memory, fused_loss=True)
+
+
 def unusable_gpu(torch):
     """Refuse to train on the CPU beside an NVIDIA GPU that this torch build cannot use."""
     try:
@@ -399,6 +435,7 @@ def train(run, backend, model_dir, plan, work, ranks):
             return seconds_before + time.time() - began
 
         uploads = Uploads(bucket, run.checkpoints, run.done, work, pointer) if ranks.rank == 0 else None
+        timed_saves = save_every(settings.save_minutes, ranks)
         for number, prepared, waited in prepared_shards(settings, run.data_prefix, run.data, plan,
                                                         first, work, ranks):
             epoch, index, start, steps = units(plan)[number]
@@ -416,7 +453,8 @@ def train(run, backend, model_dir, plan, work, ranks):
             pointer_of = lambda at: pointer_at(plan, at, seconds(), backend, records)  # noqa: E731
             callbacks = [unit_end(ranks, end, end == start + steps, record, view, done),
                          checkpoint_saved(bucket, run.checkpoints, ranks, uploads, pointer_of, record),
-                         evaluation(held_out_batches, len(held_out), ranks, backend), recorder(how)]
+                         timed_saves, evaluation(held_out_batches, len(held_out), ranks, backend),
+                         recorder(how)]  # (the evaluation runs at every save)
             if backend.fp16:
                 callbacks.append(skipped_steps(records, record, settings.max_skipped_fraction))
             trainer = make_trainer(settings, backend, model, tokenizer, sequences, work, total, callbacks)

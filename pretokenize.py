@@ -1,7 +1,7 @@
 """Step 3: render each conversation with the model's chat template, tokenize it, and label
 it so that training learns the assistant's answers only.
 
-    model-ready/<MODEL_NAME>/<DATASET_NAME>/shard-NNNNN/part-NNNNN.parquet
+    model-ready/<MODEL_NAME>/<DATASET_NAME>/<INPUTS>/shard-NNNNN/part-NNNNN.parquet
         each standardized shard in parts of whole row groups (PART_SIZE rows or more):
         input_ids, labels (list<int32>), source_row (int64), length (int32, the tokens of the
         row). labels are -100 except on each assistant answer and the end-of-turn token that
@@ -13,6 +13,10 @@ it so that training learns the assistant's answers only.
     .../_parts/shard-NNNNN/part-NNNNN.json    a finished part's statistics and inputs
     .../_manifest.json     written by whichever node finds every part finished: each shard with
         its parts, the eval files, the end-of-turn text, the totals
+
+<INPUTS> is 12 hex digits of the fingerprint of what the output is made from (the data, the
+tokenizer, the data settings: common.model_ready_inputs): the data of other settings sits
+beside it, and dotrain.py finds it by the same settings.
 
 The tokenizer comes from the bucket's copy of the model (import-model.py), never from the Hub.
 Rows longer than MAX_SEQ_LENGTH tokens are truncated and counted; rows left without a trained
@@ -33,10 +37,10 @@ import functools
 import json
 import os
 
-from common import (MAX_REJECT_SETTING, MODEL_CACHE_SETTING, NOT_TRAINED, Conflict, Setting,
-                    UserError, abort_stale_uploads, download_model, end_of_turn, fingerprint,
-                    in_order, load_chat_tokenizer, log, manifest_fingerprint, model_fingerprint,
-                    model_prefix, model_ready_prefix, open_bucket, parquet_writer, parse_settings,
+from common import (DATA_SETTINGS, MAX_REJECT_SETTING, MODEL_CACHE_SETTING, NOT_TRAINED, Conflict,
+                    Setting, UserError, abort_stale_uploads, download_model, end_of_turn,
+                    in_order, load_chat_tokenizer, log, model_prefix, model_ready_inputs,
+                    model_ready_prefix, open_bucket, parquet_writer, parse_settings,
                     read_manifest,
                     read_row_groups, refuse_other_inputs, require_complete, row_group_sizes, run,
                     same_inputs, short, standardized_prefix, with_rebuild, write_manifest)
@@ -46,14 +50,8 @@ SETTINGS = [
             "import-model.py, e.g. Qwen/Qwen2.5-0.5B", required=True),
     Setting("DATASET_NAME", help="the dataset to tokenize, as imported by import-dataset.py",
             required=True),
-    Setting("MAX_SEQ_LENGTH", 4096, "tokens per row; longer rows are truncated", int, minimum=1),
-    Setting("CHAT_TEMPLATE", "model", "model: the model's own chat template; chatml: ChatML "
-            "(for a model that has none)", choices=("model", "chatml")),
-    Setting("EVAL_ROWS", 200, "conversations held out of training for the evaluation loss, spread "
-            "evenly over the whole dataset (at most a tenth of it; 0: none)", int, minimum=0),
+    *DATA_SETTINGS,
     MAX_REJECT_SETTING,
-    Setting("PART_SIZE", 20_000, "rows per part: each standardized shard is tokenized and "
-            "committed in parts of whole row groups, which nodes share", int, minimum=1),
     Setting("NUM_PROC", os.cpu_count(), "CPU cores to render and tokenize with (worker "
             "processes)", int, minimum=1),
     MODEL_CACHE_SETTING,
@@ -61,10 +59,6 @@ SETTINGS = [
     Setting("SKYPILOT_NUM_NODES", 1, "how many nodes share the work (set by SkyPilot)", int,
             minimum=1),
 ]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "vocab.txt", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
-TOKENIZER_SUFFIXES = (".model", ".tiktoken")
 ANSWER_MARK = "\ue000"  # a private-use character, placed around each answer in a second rendering
 # What AutoTokenizer imports (torch with it): imported once, in the workers' fork server.
 TOKENIZER_MODULE = "transformers.models.auto.tokenization_auto"
@@ -80,13 +74,10 @@ def main():
     standardized = require_complete(bucket, standardized_prefix(settings.dataset_name),
                                     "import-dataset.py")
     model = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
-    prefix = model_ready_prefix(settings.model_name, settings.dataset_name)
-    inputs = json.loads(json.dumps(with_rebuild({  # as it reads back from markers and manifest
-        "step": "model-ready/3", "standardized": manifest_fingerprint(standardized),
-        "model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(model),
-        "chat_template": settings.chat_template, "max_seq_length": settings.max_seq_length,
-        "eval_rows": settings.eval_rows, "part_size": settings.part_size},
-        settings, "pretokenize")))
+    made_from = model_ready_inputs(settings, standardized, model)
+    prefix = model_ready_prefix(settings.model_name, settings.dataset_name, made_from)
+    # (as it reads back from markers and manifest)
+    inputs = json.loads(json.dumps(with_rebuild(made_from, settings, "pretokenize")))
     eval_rows = min(settings.eval_rows, standardized["rows"] // 10)
     if eval_rows < settings.eval_rows:
         log(f"EVAL_ROWS={settings.eval_rows} is more than a tenth of the dataset's "
@@ -119,12 +110,6 @@ def main():
             for part in todo:
                 write_part(bucket, prefix, part, results, inputs)
     write_manifest_if_all_done(bucket, prefix, inputs, parts, settings.max_reject_fraction)
-
-
-def tokenizer_fingerprint(model):
-    files = [(entry["path"], entry["sha256"]) for entry in model["shards"]
-             if entry["path"] in TOKENIZER_FILES or entry["path"].endswith(TOKENIZER_SUFFIXES)]
-    return fingerprint(sorted(files))
 
 
 def list_parts(bucket, dataset, standardized, part_size):

@@ -254,7 +254,7 @@ def child(method):
                 pretokenize.main()
         if profile:
             profile.dump_stats(os.environ["BENCH_PROFILE"])
-        tokens = common.read_manifest(bucket, common.model_ready_prefix(MODEL, DATASET))["tokens"]
+        tokens = common.read_manifest(bucket, common.model_ready_location(bucket, settings))["tokens"]
     elif method == "original":
         import pyarrow.compute as pc
 

@@ -51,7 +51,7 @@ OUTPUTS = [
     ("raw dataset", f"raw/{DATASET_NAME}"),
     ("standardized dataset", f"standardized/{DATASET_NAME}"),
     ("model", f"models/{MODEL_NAME}"),
-    ("tokenized shards", f"model-ready/{MODEL_NAME}/{DATASET_NAME}"),
+    ("tokenized shards", f"model-ready/{MODEL_NAME}/{DATASET_NAME}/*"),  # *: the demo's settings' folder
     ("checkpoints", f"checkpoints/{MODEL_NAME}/{DATASET_NAME}"),
     ("LoRA adapter and fused model", f"done/{MODEL_NAME}/{DATASET_NAME}"),
 ]
@@ -143,6 +143,8 @@ def describe_outputs(endpoint, bucket):
     """A line per output prefix: its URL, its objects, and what its manifest says."""
     client = s3_client(endpoint)
     for what, prefix in OUTPUTS:
+        if prefix.endswith("/*"):
+            prefix = only_folder(client, bucket, prefix[:-2])
         objects = [item for page in client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=f"{prefix}/") for item in page.get("Contents", [])]
         size = sum(item["Size"] for item in objects) / 2**20
@@ -154,6 +156,13 @@ def describe_outputs(endpoint, bucket):
             state += f", {manifest['rows']} rows" if manifest.get("rows") else ""
         yield f"  {what:<30} s3://{bucket}/{prefix}/  ({state})"
     yield f"  {'serve it with':<30} service.yaml (it pulls {OUTPUTS[-1][1]}/fused)"
+
+
+def only_folder(client, bucket, prefix):
+    """The one folder under prefix (the model-ready data of the one set of data settings)."""
+    found = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/", Delimiter="/")
+    folders = [item["Prefix"].rstrip("/") for item in found.get("CommonPrefixes", [])]
+    return folders[0] if len(folders) == 1 else prefix
 
 
 def copy_fused(endpoint, bucket, out):

@@ -131,6 +131,19 @@ def start_step(script, env, *args):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def model_ready_prefix(env):
+    """Where pretokenize.py writes, and dotrain.py reads, the model-ready data of env's settings:
+    common.model_ready_location, from the manifests in env's bucket, as both steps compute it."""
+    from unittest import mock
+
+    import common
+
+    names = [common.Setting("MODEL_NAME"), common.Setting("DATASET_NAME"), *common.DATA_SETTINGS]
+    with mock.patch.dict(os.environ, {k: str(v) for k, v in step_env(env).items()}, clear=True):
+        settings = common.parse_settings("", names, [])
+        return common.model_ready_location(common.open_bucket(settings), settings)
+
+
 def bucket_objects(env):
     """{key: bytes} of everything in the test bucket (S3) or the local bucket directory."""
     url = env["BUCKET_NAME"]

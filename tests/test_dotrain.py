@@ -14,8 +14,8 @@ from types import SimpleNamespace
 
 import boto3
 import pytest
-from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, run_step,
-                      start_step, step_env)
+from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects,
+                      model_ready_prefix, run_step, start_step, step_env)
 
 from training.speed import SHAPES, length_multiple, model_flops_per_token
 
@@ -26,6 +26,7 @@ EVAL_ROWS = 12  # held out of training, 4 in each shard
 MAX_SEQ_LENGTH = 128
 # A learning rate far above the default: the base model is random and a run has ~25 steps.
 TRAINING = {"MODEL_NAME": MODEL, "DATASET_NAME": DATASET, "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH),
+            "EVAL_ROWS": str(EVAL_ROWS),
             "BATCH_SIZE": "2", "GRAD_ACCUM": "2", "WARMUP_STEPS": "2", "LEARNING_RATE": "1e-2",
             "LORA_R": "8", "SAVE_STEPS": "2", "SAMPLE_PROMPT": "The car is red. What color is the car?",
             # on a small shared machine torch's spinning thread pool makes a tiny step 20x slower
@@ -62,9 +63,9 @@ def inputs(tiny_model, tmp_path_factory):
     for step in steps:
         output = step.communicate(timeout=300)[0]
         assert step.returncode == 0, output
-    run_step("pretokenize.py", {**env, "MAX_SEQ_LENGTH": str(MAX_SEQ_LENGTH), "NUM_PROC": "1",
-                                "EVAL_ROWS": str(EVAL_ROWS)})
-    manifest = json.loads((work / "bucket" / "model-ready" / MODEL / DATASET / "_manifest.json").read_text())
+    run_step("pretokenize.py", {**env, **TRAINING, "NUM_PROC": "1"})
+    prefix = model_ready_prefix({**env, **TRAINING})
+    manifest = json.loads((work / "bucket" / prefix / "_manifest.json").read_text())
     assert [shard["rows"] for shard in manifest["shards"]] == [rows - EVAL_ROWS // 3 for rows in SHARD_ROWS]
     assert manifest["truncated"] == 0  # so every token of every shard is trained
     return work / "bucket", manifest
@@ -264,7 +265,8 @@ def test_killed_run_resumes_to_the_same_end_and_outputs_load(s3, proxy, inputs, 
     changed = run_step("dotrain.py", {**proxied, "LORA_R": "4"}, check=False)
     assert changed.returncode == 1 and changed.stderr.startswith("error: ")
     assert "lora_r: 8 -> 4" in changed.stderr and len(changed.stderr.splitlines()) == 1
-    assert proxy.writes() == []
+    lease = f"/{TEST_BUCKET}/checkpoints/{MODEL}/{DATASET}/lease.json"
+    assert proxy.writes() == [("PUT", lease), ("DELETE", lease)]  # taken, then given back
 
 
 def test_epochs_cosine_schedule_evaluations_and_tensorboard(local_bucket, inputs, tmp_path):
@@ -320,6 +322,61 @@ def test_epochs_cosine_schedule_evaluations_and_tensorboard(local_bucket, inputs
     assert "'seconds_left': 0," in result.stdout  # the time left, at every logged step
 
 
+def test_save_minutes_saves_between_save_steps_and_the_run_resumes(local_bucket, inputs, tmp_path):
+    """SAVE_MINUTES so small that every optimizer step qualifies (a step takes longer than 60
+    nanoseconds), SAVE_STEPS out of reach: a checkpoint, and an evaluation, after every step;
+    killed after one, the run resumes from it. The GPU memory check is skipped on the CPU."""
+    copy_inputs(inputs, local_bucket)
+    env = {**local_bucket, **TRAINING, "SAVE_STEPS": "1000", "SAVE_MINUTES": "1e-9",
+           "WORK_DIR": str(tmp_path / "work"), "MODEL_CACHE_DIR": str(tmp_path / "cache")}
+    killed_at, _ = kill_when(env, tmp_path / "work", lambda pointer: pointer["step"] >= 1)
+    total = killed_at["total_steps"]
+    result = run_step("dotrain.py", env, "--check-memory", "1")
+    assert f"resuming at step {killed_at['step']}" in result.stdout
+    assert "GPU memory" not in result.stdout
+    saved = [int(line.split("checkpoint ")[1].split("/")[0]) for line in result.stdout.splitlines()
+             if " saved to " in line]
+    assert saved == list(range(killed_at["step"] + 1, total + 1))
+    metrics = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/metrics.json"))
+    assert [e["step"] for e in metrics["evaluations"]] == list(range(total + 1))
+
+
+def test_save_every_asks_for_a_checkpoint_once_the_minutes_have_passed_since_the_last():
+    from transformers import TrainerControl
+    from training.checkpoints import save_every
+    from training.processes import Ranks
+
+    now = [0.0]
+    callback = save_every(2, Ranks(), clock=lambda: now[0])
+    for minutes, saved_by_steps, asked in [(1, False, False), (2.5, False, True), (3, True, True),
+                                           (4.9, False, False), (5.1, False, True)]:
+        now[0] = minutes * 60
+        control = TrainerControl(should_save=saved_by_steps)
+        callback.on_step_end(None, None, control)
+        assert control.should_save is asked, minutes
+        if control.should_save:
+            callback.on_save(None, None, control)
+    now[0], control = 10**6, TrainerControl()
+    save_every(0, Ranks(), clock=lambda: now[0]).on_step_end(None, None, control)
+    assert not control.should_save  # SAVE_MINUTES=0: steps only
+
+
+def test_wandb_runs_go_to_wandb_project(tmp_path, monkeypatch):
+    from training.report import set_up_reporting
+
+    (tmp_path / "wandb").mkdir()  # a package named wandb: REPORT_TO=wandb finds it installed
+    (tmp_path / "wandb" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("WANDB_API_KEY", "a-key")
+    monkeypatch.setenv("WANDB_PROJECT", "from-the-environment")
+    for name in ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    settings = SimpleNamespace(report_to="wandb", wandb_project="lr-sweep", run_name="lr-1e-4",
+                               model_name=MODEL, dataset_name=DATASET)
+    set_up_reporting(settings, "s3://b/checkpoints/run", {"step": "dotrain/2"}, str(tmp_path))
+    assert os.environ["WANDB_PROJECT"] == "lr-sweep" and os.environ["WANDB_NAME"] == "lr-1e-4"
+
+
 def test_an_upload_removes_only_checkpoints_older_than_the_previous_one(tmp_path):
     """Rank 0 uploads checkpoint 3 while node 1 already puts its RNG states into checkpoint 4:
     checkpoint 1 goes, the previous one (2, which an older latest.json names) and 4 stay."""
@@ -356,6 +413,11 @@ def test_unpacked_capped_run_on_a_local_bucket(local_bucket, inputs, tmp_path):
     if not torch.cuda.is_available():
         refused = run_step("dotrain.py", {**env, "TRAIN_BACKEND": "unsloth"}, check=False)
         assert refused.returncode == 1 and "needs a CUDA GPU" in refused.stderr
+    # Data settings pretokenize.py did not run with name data that is not there.
+    refused = run_step("dotrain.py", {**env, "EVAL_ROWS": "7"}, check=False)
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1
+    assert refused.stderr.endswith(" is not complete: run pretokenize.py (with the same "
+                                   "MAX_SEQ_LENGTH, CHAT_TEMPLATE, EVAL_ROWS and PART_SIZE) first\n")
     run_step("dotrain.py", env)
     done = json.loads(get_object(env, f"done/{MODEL}/{DATASET}/_manifest.json"))
     assert done["total_steps"] == 3 and done["inputs"]["packing"] is False
@@ -385,7 +447,8 @@ def shard_trainer(inputs, tiny_model, tmp_path, rows, attention="sdpa", **settin
 
     root, manifest = inputs
     data = datasets.Dataset.from_parquet(
-        str(root / "model-ready" / MODEL / DATASET / manifest["shards"][0]["parts"][0]["path"]),
+        str(root / model_ready_prefix({"BUCKET_NAME": f"file://{root}", **TRAINING})
+            / manifest["shards"][0]["parts"][0]["path"]),
         cache_dir=str(tmp_path / "cache")).select_columns(["input_ids", "labels"])
     data = data.select(range(min(rows, len(data))))
     settings = SimpleNamespace(**{

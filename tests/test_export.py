@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import test_pretokenize
-from conftest import ROOT, fixture_path, run_step, start_step
+from conftest import ROOT, fixture_path, model_ready_prefix, run_step, start_step
 
 import common
 import pretokenize
@@ -28,7 +28,7 @@ DONE = f"done/{MODEL}/{DATASET}"
 # learn the answers and to stop after them.
 TRAINING = {"MODEL_NAME": MODEL, "DATASET_NAME": DATASET, "MAX_SEQ_LENGTH": "128", "PACKING": "0",
             "BATCH_SIZE": "2", "GRAD_ACCUM": "1", "WARMUP_STEPS": "2", "LEARNING_RATE": "1e-2",
-            "LORA_R": "8", "SAVE_STEPS": "1000", "OMP_NUM_THREADS": "1",
+            "LORA_R": "8", "SAVE_STEPS": "1000", "OMP_NUM_THREADS": "1", "EVAL_ROWS": "12",
             "SAMPLE_PROMPT": "The car is red. What color is the car?"}
 
 
@@ -313,7 +313,7 @@ def write_rows(path, rows):
 def test_checked_rows_are_held_out_rows_when_the_manifest_lists_them(tmp_path):
     settings = SimpleNamespace(model_name="m", dataset_name="d", bucket_name=str(tmp_path / "bucket"))
     bucket = common.Bucket(settings)
-    folder = tmp_path / "bucket" / common.model_ready_prefix("m", "d")
+    folder = tmp_path / "bucket" / common.model_ready_prefix("m", "d", {})
     (folder / "eval").mkdir(parents=True)
     prompt = list(range(1, 200))  # a long prompt: the window starts shortly before the answer
     answer = [7, 8, 9, 10]
@@ -327,7 +327,7 @@ def test_checked_rows_are_held_out_rows_when_the_manifest_lists_them(tmp_path):
     data = {"shards": shards,
             "eval": [{"path": "eval/part-0.parquet", "rows": 2}, {"path": "eval/part-1.parquet", "rows": 2}]}
 
-    examples, rows = export.check_examples(bucket, common.model_ready_prefix("m", "d"), data, plan)
+    examples, rows = export.check_examples(bucket, common.model_ready_prefix("m", "d", {}), data, plan)
     assert rows == {"held_out": True, "paths": ["eval/part-0.parquet", "eval/part-1.parquet"],
                     "source_rows": [100, 100, 101], "positions": 3 * len(answer)}
     for ids, positions in examples:
@@ -335,7 +335,7 @@ def test_checked_rows_are_held_out_rows_when_the_manifest_lists_them(tmp_path):
         assert [ids[t + 1] for t in positions] == answer  # each position predicts a trained token
 
     for without in ({"shards": shards}, {"shards": shards, "eval": []}):
-        examples, rows = export.check_examples(bucket, common.model_ready_prefix("m", "d"), without, plan)
+        examples, rows = export.check_examples(bucket, common.model_ready_prefix("m", "d", {}), without, plan)
         assert rows == {"held_out": False, "paths": ["shard-00000/part-00000.parquet"],
                         "source_rows": [100, 101, 102], "positions": 3 * len(answer)}
 
@@ -409,7 +409,7 @@ def trained(tmp_path_factory):
     for step in steps:
         output = step.communicate(timeout=300)[0]
         assert step.returncode == 0, output
-    run_step("pretokenize.py", {**env, "NUM_PROC": "1", "EVAL_ROWS": "12"})
+    run_step("pretokenize.py", {**env, "NUM_PROC": "1"})
     run_step("dotrain.py", env)
     return work / "bucket", env
 
@@ -418,9 +418,9 @@ def test_trained_run_exports_a_checked_model_that_stops_at_its_end_of_turn(train
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    bucket, _ = trained
+    bucket, env = trained
     done = json.loads((bucket / DONE / "_manifest.json").read_text())
-    data = json.loads((bucket / f"model-ready/{MODEL}/{DATASET}/_manifest.json").read_text())
+    data = json.loads((bucket / model_ready_prefix(env) / "_manifest.json").read_text())
     check = done["check"]
     assert check["merge"]["merged_weights"] == 2 * len(QWEN2_LINEAR)
     assert check["merge"]["max_error_in_half_ulps"] <= 1

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, date_upload,
-                      descendants, fixture_path, run_step, running, start_step,
+                      descendants, fixture_path, model_ready_prefix, run_step, running, start_step,
                       without_chatml_tokens)
 
 import common
@@ -23,7 +23,6 @@ sys.path.insert(0, str(ROOT / "demo"))
 import synthetic  # noqa: E402
 
 MODEL, DATASET = "qwen/tiny", "synth/chat"
-PREFIX = f"model-ready/{MODEL}/{DATASET}"
 MAX_SEQ_LENGTH = 96
 EDGE_CASES = [  # beyond the synthetic rows: what templates and tokenizers make hard
     [{"role": "user", "content": "Repeat after me: the sky is blue."},
@@ -233,7 +232,8 @@ def test_tool_calls_train_as_the_template_renders_them_or_the_row_is_dropped(tin
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(qwen)
-    rows = read_rows(bucket_objects(env), "model-ready/qwen/ft")
+    rows = read_rows(bucket_objects(env), model_ready_prefix({**env, "MODEL_NAME": "qwen",
+                                                              "MAX_SEQ_LENGTH": "1024"}))
     assert [[tokenizer.decode(run) for run in trained_runs(rows[r]["input_ids"], rows[r]["labels"])]
             for r in (0, 1)] == [["Paris.<|im_end|>"],
                                  [TOOL_CALL_TURN + "<|im_end|>", "21 degrees.<|im_end|>"]]
@@ -241,7 +241,8 @@ def test_tool_calls_train_as_the_template_renders_them_or_the_row_is_dropped(tin
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in rendered
     assert '<tool_response>\n{"temp": 21}\n</tool_response>' in rendered
 
-    manifest = json.loads(bucket_objects(env)["model-ready/tiny/ft/_manifest.json"])
+    tiny_prefix = model_ready_prefix({**env, "MODEL_NAME": "tiny", "MAX_SEQ_LENGTH": "1024"})
+    manifest = json.loads(bucket_objects(env)[f"{tiny_prefix}/_manifest.json"])
     assert manifest["rows"] == 1
     assert manifest["shards"][0]["dropped_reasons"] == {"the chat template does not render tool calls": 1}
 
@@ -265,6 +266,7 @@ def test_more_rows_dropped_than_max_reject_fraction_fail_and_a_higher_limit_reus
     run_step("import-dataset.py", {**env, "DATASET_SOURCE": str(tmp_path / "ft.jsonl"),
                                    "SHARD_SIZE": "10"})
     run_step("import-model.py", {**env, "MODEL_SOURCE": str(tmp_path / "tiny")})
+    prefix = model_ready_prefix(env)
 
     result = run_step("pretokenize.py", env, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -272,19 +274,19 @@ def test_more_rows_dropped_than_max_reject_fraction_fail_and_a_higher_limit_reus
     assert message == (
         "error: pretokenize dropped 3 of 20 rows (15.0%), more than MAX_REJECT_FRACTION=0.1: "
         "2 'the chat template does not render tool calls', 1 'no trained token within "
-        f"MAX_SEQ_LENGTH'; the rows and reasons are in s3://{TEST_BUCKET}/model-ready/tiny/ft/"
+        f"MAX_SEQ_LENGTH'; the rows and reasons are in s3://{TEST_BUCKET}/{prefix}/"
         "_dropped/: raise MAX_SEQ_LENGTH, fix the template, or raise MAX_REJECT_FRACTION")
     objects = bucket_objects(s3)
-    assert "model-ready/tiny/ft/_manifest.json" not in objects
-    assert sorted(k for k in objects if k.startswith("model-ready/tiny/ft/_parts/")) == \
-        [f"model-ready/tiny/ft/_parts/shard-0000{i}/part-00000.json" for i in (0, 1)]
+    assert f"{prefix}/_manifest.json" not in objects
+    assert sorted(k for k in objects if k.startswith(f"{prefix}/_parts/")) == \
+        [f"{prefix}/_parts/shard-0000{i}/part-00000.json" for i in (0, 1)]
 
     proxy.clear()
     result = run_step("pretokenize.py", {**env, "AWS_ENDPOINT_URL_S3": proxy.url,
                                          "MAX_REJECT_FRACTION": "0.2"})
     assert "0 of 2 parts to tokenize" in result.stdout
-    assert [path for _, path in proxy.writes()] == [f"/{TEST_BUCKET}/model-ready/tiny/ft/_manifest.json"]
-    manifest = json.loads(bucket_objects(s3)["model-ready/tiny/ft/_manifest.json"])
+    assert [path for _, path in proxy.writes()] == [f"/{TEST_BUCKET}/{prefix}/_manifest.json"]
+    manifest = json.loads(bucket_objects(s3)[f"{prefix}/_manifest.json"])
     assert manifest["complete"] and (manifest["rows"], manifest["eval_rows"]) == (16, 1)
     assert (manifest["dropped"], manifest["eval_dropped"]) == (3, 1)
 
@@ -358,16 +360,17 @@ def held_out(order, eval_rows):
             if (position + 1) * eval_rows // len(order) > position * eval_rows // len(order)}
 
 
-def dropped_lists(objects):
+def dropped_lists(objects, prefix):
     return [json.loads(line) for key, data in sorted(objects.items())
-            if key.startswith(f"{PREFIX}/_dropped/") for line in data.decode().splitlines()]
+            if key.startswith(f"{prefix}/_dropped/") for line in data.decode().splitlines()]
 
 
 def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, proxy, tmp_path):
     client = upload_tree(imported, s3)
+    prefix = model_ready_prefix(step_env(s3, tmp_path))
     # A run killed while uploading a part six minutes ago: its unfinished upload is aborted.
     # One begun a moment ago may be a run launched beside this one: it is left to that run.
-    key = f"{PREFIX}/shard-00001/part-00000.parquet"
+    key = f"{prefix}/shard-00001/part-00000.parquet"
     killed = client.create_multipart_upload(Bucket=TEST_BUCKET, Key=key)["UploadId"]
     date_upload(killed, seconds_ago=360)
     twin = client.create_multipart_upload(Bucket=TEST_BUCKET, Key=key)["UploadId"]
@@ -379,12 +382,12 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
 
     env = step_env(proxy.env, tmp_path)  # the same bucket, through a proxy counting requests
     objects = bucket_objects(env)
-    manifest = json.loads(objects[f"{PREFIX}/_manifest.json"])
+    manifest = json.loads(objects[f"{prefix}/_manifest.json"])
     conversations = {r["source_row"]: r["conversations"] for r in
                      read_rows(objects, f"standardized/{DATASET}").values()}
-    rows = read_rows(objects, PREFIX)
-    evaluation = read_rows(objects, f"{PREFIX}/_eval")
-    assert [d["source_row"] for d in dropped_lists(objects)] == [3]
+    rows = read_rows(objects, prefix)
+    evaluation = read_rows(objects, f"{prefix}/_eval")
+    assert [d["source_row"] for d in dropped_lists(objects, prefix)] == [3]
     held = held_out(in_order(objects, f"standardized/{DATASET}"), 5)
     assert len(held) == 5 and 3 not in held
     assert sorted(evaluation) == sorted(held)
@@ -418,14 +421,14 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
         assert set(shard) == {"path", "rows", "tokens", "trained_tokens", "truncated", "dropped",
                               "dropped_reasons", "parts"}
         assert [part["path"] for part in shard["parts"]] == [f"{shard['path']}/part-00000.parquet"]
-        part = pq.read_table(io.BytesIO(objects[f"{PREFIX}/{shard['parts'][0]['path']}"]))
+        part = pq.read_table(io.BytesIO(objects[f"{prefix}/{shard['parts'][0]['path']}"]))
         assert shard["parts"][0] == {"path": shard["parts"][0]["path"], "rows": part.num_rows,
                                      "tokens": sum(part.column("length").to_pylist())}
         assert shard["rows"] == part.num_rows
     assert manifest["eval_rows"] == len(evaluation) == sum(e["rows"] for e in manifest["eval"])
     listed = {}
     for entry in manifest["eval"]:
-        table = pq.read_table(io.BytesIO(objects[f"{PREFIX}/{entry['path']}"]))
+        table = pq.read_table(io.BytesIO(objects[f"{prefix}/{entry['path']}"]))
         assert table.num_rows == entry["rows"]
         listed.update({row["source_row"]: row for row in table.to_pylist()})
     assert listed == evaluation
@@ -435,10 +438,16 @@ def test_step_labels_every_row_exactly_and_a_rerun_writes_nothing(imported, s3, 
     assert "nothing to do" in result.stdout
     assert proxy.writes() == []
 
-    result = run_step("pretokenize.py", {**env, "MAX_SEQ_LENGTH": "128"}, check=False)
-    assert result.returncode == 1
-    assert "max_seq_length: 96 -> 128" in result.stderr and "FORCE=1" in result.stderr
-    assert proxy.writes() == []
+    # Other data settings (a sweep over MAX_SEQ_LENGTH) make data of their own beside this one,
+    # without FORCE, and leave this one as it is.
+    other = model_ready_prefix({**env, "MAX_SEQ_LENGTH": "128"})
+    run_step("pretokenize.py", {**env, "MAX_SEQ_LENGTH": "128", "NUM_PROC": "1"})
+    assert other != prefix
+    written = {path.split("?")[0][len(f"/{TEST_BUCKET}/"):] for _, path in proxy.writes()}
+    assert written and all(key.startswith(f"{other}/") for key in written)
+    assert json.loads(bucket_objects(env)[f"{other}/_manifest.json"])["max_seq_length"] == 128
+    assert {k: v for k, v in bucket_objects(env).items() if k.startswith(prefix)} == \
+        {k: v for k, v in objects.items() if k.startswith(prefix)}
 
 
 def test_eval_rows_are_capped_at_a_tenth_of_the_dataset(imported, tmp_path):
@@ -449,7 +458,7 @@ def test_eval_rows_are_capped_at_a_tenth_of_the_dataset(imported, tmp_path):
     result = run_step("pretokenize.py", env)
     assert f"EVAL_ROWS=100000 is more than a tenth of the dataset's {rows} rows: holding out " \
         f"{rows // 10}" in result.stdout
-    manifest = json.loads((bucket / f"{PREFIX}/_manifest.json").read_text())
+    manifest = json.loads((bucket / model_ready_prefix(env) / "_manifest.json").read_text())
     assert manifest["eval_rows"] + manifest["eval_dropped"] == rows // 10
 
 
@@ -483,15 +492,17 @@ def test_processes_and_nodes_share_the_parts_of_one_shard_and_make_the_same_byte
     def output():
         return {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")}
 
+    prefix = model_ready_prefix(env)
+
     run_step("pretokenize.py", env)
     reference = output()
-    manifest = json.loads(reference[f"{PREFIX}/_manifest.json"])
+    manifest = json.loads(reference[f"{prefix}/_manifest.json"])
     assert [[part["rows"] for part in shard["parts"]] for shard in manifest["shards"]] == \
         [[2000 - 13 - 1, 2000 - 13 - 1, 500 - 4]]  # row groups of 2,000 rows; 30 held out, 3 dropped
-    assert [d["source_row"] for d in dropped_lists(reference)] == [10, 299, 2100]
-    assert [d["held_out"] for d in dropped_lists(reference)] == [False, True, False]
+    assert [d["source_row"] for d in dropped_lists(reference, prefix)] == [10, 299, 2100]
+    assert [d["held_out"] for d in dropped_lists(reference, prefix)] == [False, True, False]
     assert (manifest["dropped"], manifest["eval_dropped"], manifest["eval_rows"]) == (3, 1, 29)
-    evaluation = read_rows(reference, f"{PREFIX}/_eval")
+    evaluation = read_rows(reference, f"{prefix}/_eval")
     assert sorted(evaluation) == sorted(held_out(list(range(4500)), 30) - {299})
     assert [e["path"] for e in manifest["eval"]] == [f"_eval/shard-00000/part-0000{i}.parquet" for i in range(3)]
 
@@ -503,13 +514,13 @@ def test_processes_and_nodes_share_the_parts_of_one_shard_and_make_the_same_byte
             process.send_signal(signal.SIGKILL)
             break
     assert process.wait(timeout=60) == -signal.SIGKILL and workers
-    assert not (bucket / PREFIX / "_manifest.json").exists()
+    assert not (bucket / prefix / "_manifest.json").exists()
     deadline = time.time() + 10
     while running(workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not running(workers), "a process of the killed run outlived it"
     # The next parts may have been committed between the line and the kill: resume from those on record.
-    committed = len(list((bucket / PREFIX / "_parts").rglob("*.json")))
+    committed = len(list((bucket / prefix / "_parts").rglob("*.json")))
     assert committed >= 1
     result = run_step("pretokenize.py", {**env, "NUM_PROC": "2"})
     assert f"{3 - committed} of 3 parts to tokenize" in result.stdout
@@ -524,10 +535,10 @@ def test_processes_and_nodes_share_the_parts_of_one_shard_and_make_the_same_byte
     assert output() == reference
 
     # As if killed after parts 0 and 2 were committed: only part 1 is made again.
-    (bucket / PREFIX / "_manifest.json").unlink()
-    (bucket / PREFIX / "_parts" / "shard-00000" / "part-00001.json").unlink()
-    kept = (bucket / PREFIX / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns
+    (bucket / prefix / "_manifest.json").unlink()
+    (bucket / prefix / "_parts" / "shard-00000" / "part-00001.json").unlink()
+    kept = (bucket / prefix / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns
     time.sleep(0.01)
     assert "1 of 3 parts to tokenize" in run_step("pretokenize.py", env).stdout
-    assert (bucket / PREFIX / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns == kept
+    assert (bucket / prefix / "shard-00000" / "part-00000.parquet").stat().st_mtime_ns == kept
     assert output() == reference

@@ -199,7 +199,7 @@ def kill_at(env, step, seconds, until=None):
 def seed_inputs(world, prefix, step):
     """What a step reads, copied from the reference run into prefix."""
     needs = {"pretokenize.py": ("standardized/", "models/"),
-             "dotrain.py": ("models/", "model-ready/")}.get(step, ())
+             "dotrain.py": ("standardized/", "models/", "model-ready/")}.get(step, ())
     put_objects(world.s3, prefix, {k: v for k, v in world.ref.items() if k.startswith(needs)})
 
 

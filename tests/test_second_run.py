@@ -1,16 +1,21 @@
 """A user's second run: FORCE replaces only what other inputs made, and only once; REBUILD
 remakes an output from the same inputs once per launch; a plan with no checkpoint is replaced
-freely; RUN_NAME keeps runs side by side. Through the real steps, on the local S3 server."""
+freely; RUN_NAME keeps runs side by side, also runs with other data settings; one launch at a
+time trains a run. Through the real steps, on the local S3 server."""
 
 import json
+import signal
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 import boto3
 import pytest
-from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects, run_step,
-                      start_step)
+from conftest import (FAKE_KEY_ID, FAKE_SECRET, ROOT, TEST_BUCKET, bucket_objects,
+                      model_ready_prefix, run_step, start_step)
+
+import common
 
 sys.path.insert(0, str(ROOT / "demo"))
 MODEL, DATASET = "tiny/qwen2", "synthetic/colors"
@@ -103,6 +108,7 @@ def test_force_replaces_only_the_outputs_made_from_other_inputs_and_a_recovery_r
     kill_dotrain_when(changed, lambda: (get_json(env, plan) or {}).get("inputs", {}).get("batch_size")
                       == 1 and (pointer(env) or {}).get("step", 0) >= 2)
     killed_at = pointer(env)["step"]
+    assert get_json(env, run_key("checkpoints", None, "lease.json"))  # kept by FORCE, left by the kill
     resumed = run_step("dotrain.py", changed)
     assert f"resuming at step {killed_at}" in resumed.stdout
     assert not [key for key in written(proxy)
@@ -187,7 +193,101 @@ def test_runs_side_by_side_and_pretokenize_rebuilt_by_two_nodes(env, proxy):
         output = node.communicate(timeout=300)[0]
         assert node.returncode == 0, output
     after = {k: v for k, v in bucket_objects(env).items() if k.startswith("model-ready/")}
-    manifest = f"model-ready/{MODEL}/{DATASET}/_manifest.json"
+    manifest = f"{model_ready_prefix(env)}/_manifest.json"
     assert json.loads(after[manifest])["inputs"]["rebuild"] == "launch-2"
     assert {k: v for k, v in after.items() if "/_" not in k} == {k: v for k, v in before.items() if "/_" not in k}
     assert "nothing to do" in run_step("dotrain.py", {**env, "LORA_R": "8"}).stdout  # still valid
+
+
+def test_runs_with_other_data_settings_keep_their_data_and_force_in_one_spares_the_other(env, proxy):
+    """A sweep over MAX_SEQ_LENGTH: each run's model-ready data sits in a folder of its own,
+    made beside the other's without FORCE; pretokenize and training with FORCE=1 in one run
+    delete nothing the other trained on: the other resumes from its checkpoint and finishes."""
+    for step in STEPS[:2]:
+        run_step(step, env)
+    long, short = {**env, "RUN_NAME": "seq-128"}, {**env, "RUN_NAME": "seq-96", "MAX_SEQ_LENGTH": "96"}
+    run_step("pretokenize.py", long)
+    run_step("pretokenize.py", short)
+    kill_dotrain_when(long, lambda: (pointer(env, "seq-128") or {}).get("step", 0) >= 2)
+    killed_at = pointer(env, "seq-128")["step"]
+    for step in ("pretokenize.py", "dotrain.py"):
+        run_step(step, {**short, "FORCE": "1"})
+    resumed = run_step("dotrain.py", long)
+    assert f"resuming at step {killed_at}" in resumed.stdout
+    data = {run: model_ready_prefix(settings) for run, settings in (("seq-128", long), ("seq-96", short))}
+    assert data["seq-128"] != data["seq-96"]
+    for run, length in (("seq-128", 128), ("seq-96", 96)):
+        made_from = get_json(env, f"{data[run]}/_manifest.json")
+        assert made_from["complete"] and made_from["max_seq_length"] == length
+        done = done_manifest(env, run)
+        assert done["complete"] and done["inputs"]["max_seq_length"] == length
+        assert done["inputs"]["model_ready"] == common.manifest_fingerprint(made_from)
+
+
+def test_one_launch_at_a_time_trains_a_run(env, proxy):
+    """A second launch of a run is refused in one line while the first holds a live lease; a
+    lease its launch left long ago is taken over; a recovery of the same managed job (the same
+    SKYPILOT_TASK_ID) takes its own lease back at once and resumes."""
+    for step in STEPS[:3]:
+        run_step(step, env)
+    lease = run_key("checkpoints", None, "lease.json")
+    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL_S3"], region_name="us-east-1",
+                          aws_access_key_id=FAKE_KEY_ID, aws_secret_access_key=FAKE_SECRET)
+    client.put_object(Bucket=TEST_BUCKET, Key=lease, Body=json.dumps(
+        {"holder": "gone-host pid 7", "task": "job-0", "renewed": "2020-01-01T00:00:00+00:00"}).encode())
+    first = {**env, "SKYPILOT_TASK_ID": "job-1"}
+    process = start_step("dotrain.py", first)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(process.stdout), daemon=True)
+    reader.start()
+    while process.poll() is None and (get_json(env, lease) or {}).get("task") != "job-1":
+        time.sleep(0.05)
+    process.send_signal(signal.SIGSTOP)  # holding its lease, as one busy training
+    try:
+        held = get_json(env, lease)
+        assert held and held["task"] == "job-1", "".join(output)
+        second = run_step("dotrain.py", {**env, "SKYPILOT_TASK_ID": "job-2"}, check=False)
+        assert second.returncode == 1 and len(second.stderr.splitlines()) == 1
+        assert second.stderr.startswith(f"error: another launch is training this run: s3://{TEST_BUCKET}/"
+                                        f"{lease} is held by {held['holder']} (SKYPILOT_TASK_ID job-1)")
+    finally:
+        process.send_signal(signal.SIGCONT)
+    while process.poll() is None and (pointer(env) or {}).get("step", 0) < 2:
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    reader.join()
+    assert process.returncode == -9, "".join(output)
+    assert "from gone-host pid 7 (SKYPILOT_TASK_ID job-0), renewed" in "".join(output)  # stale
+    killed_at = pointer(env)["step"]
+
+    # Preempted on another machine, its lease as fresh as a moment ago: the managed job's
+    # recovery (its SKYPILOT_TASK_ID) takes it back at once, resumes and releases it at the end.
+    client.put_object(Bucket=TEST_BUCKET, Key=lease, Body=json.dumps(
+        {"holder": "spot-host pid 9", "machine": "spot-host 1", "pid": 9, "task": "job-1",
+         "renewed": datetime.now(timezone.utc).isoformat()}).encode())
+    recovered = run_step("dotrain.py", first)
+    assert "this job's own" in recovered.stdout and f"resuming at step {killed_at}" in recovered.stdout
+    assert done_manifest(env)["complete"] and get_json(env, lease) is None  # released at the end
+
+
+def test_a_lease_is_renewed_until_it_is_released(tmp_path):
+    from types import SimpleNamespace
+
+    from common import Bucket, UserError
+    from training.lease import Lease
+
+    bucket = Bucket(SimpleNamespace(bucket_name=str(tmp_path / "bucket")))
+    lease = Lease(bucket, "checkpoints/run", "job-1", seconds=0.3)
+    lease.take()
+    taken = json.loads(bucket.get(lease.key))
+    renewing = threading.Thread(target=lease.renew)
+    renewing.start()
+    deadline = time.time() + 60
+    while json.loads(bucket.get(lease.key))["renewed"] == taken["renewed"] and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(UserError, match="another launch is training this run"):
+        Lease(bucket, "checkpoints/run", "job-2", seconds=60).take()
+    lease.release()
+    renewing.join()
+    assert bucket.get(lease.key) is None

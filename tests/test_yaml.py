@@ -527,20 +527,33 @@ def test_on_several_nodes_node_0_imports_and_all_pretokenize_and_train_with_torc
     result, lines = fake_steps(rank="1", nodes="2", gpus="4")
     assert result.returncode == 0, result.stderr
     started = [line for line in lines if line.startswith("start")]
-    # `python -`: waiting for the imports, then for every node's shards
-    assert started[:4] == ["start -", "start -", "start pretokenize.py", "start -"]
-    assert started[4] == ("start torchrun --nnodes 2 --nproc-per-node 4 --node-rank 1 "
+    # `python -c`: RUN_NAME checked; `python -`: waiting for the imports, then for every node's shards
+    assert started[:5] == ["start -c", "start -", "start -", "start pretokenize.py", "start -"]
+    assert started[5] == ("start torchrun --nnodes 2 --nproc-per-node 4 --node-rank 1 "
                           "--master-addr 10.0.0.7 --master-port 29500 dotrain.py")
     result, lines = fake_steps(rank="0", nodes="2", gpus="4")
-    started = [line for line in lines if line.startswith("start")][5:]
-    assert {started[0], started[1]} == {"start import-dataset.py", "start import-model.py"}
-    assert started[2:4] == ["start pretokenize.py", "start -"]
-    assert "--node-rank 0 " in started[4]
+    started = [line for line in lines if line.startswith("start")][6:]
+    assert started[0] == "start -c"
+    assert {started[1], started[2]} == {"start import-dataset.py", "start import-model.py"}
+    assert started[3:5] == ["start pretokenize.py", "start -"]
+    assert "--node-rank 0 " in started[5]
 
 
 def test_one_node_with_one_gpu_trains_without_torchrun(fake_steps):
     result, lines = fake_steps(rank="0", nodes="1", gpus="1")
-    assert result.returncode == 0 and not any("torchrun" in line or "start -" in line for line in lines)
+    assert result.returncode == 0 and not any("torchrun" in line or line == "start -" for line in lines)
+
+
+def test_a_run_name_dotrain_would_refuse_stops_the_run_block_before_any_step(tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "VENV": str(ROOT / ".venv"),
+           "RUN_NAME": "lr 1e-4"}
+    result = subprocess.run(["bash", "-c", task("allatonce.yaml")["run"]], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: RUN_NAME='lr 1e-4': use letters, digits, '.', '_' and '-', and none of "
+        "_manifest.json, latest.json, lease.json, lora_model, fused, metrics.json, loss.png, "
+        "tensorboard or checkpoint-*")
 
 
 # ---------------------------------------------------------------- the service's run block

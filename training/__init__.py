@@ -5,9 +5,11 @@
     shards.py       the plan (optimizer steps from the rows' lengths) and each shard prepared for
                     training, one ahead, in a process of its own
     checkpoints.py  the checkpoint protocol in the bucket: uploads, the pointer, whole checkpoints,
-                    resuming
+                    resuming, when to save (SAVE_STEPS, SAVE_MINUTES)
+    lease.py        one launch at a time trains a run: the lease under its checkpoints
     precision.py    fp16's skipped optimizer steps (counted, logged, bounded) and what a resume on
                     another kind of GPU may change
+    fit.py          whether a run fits its GPU: the memory estimate, checked before the download
     export.py       lora_model/ and fused/ from the last checkpoint, checked, then the done manifest
     merge.py        the adapter merged into the base one weights file at a time, every weight checked
     report.py       what a run reports: metrics.json, loss.png, its summary lines, REPORT_TO

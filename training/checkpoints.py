@@ -5,6 +5,7 @@
                                 state, every process's RNG state); _checkpoint.json, uploaded
                                 last, says it is whole and lists its files
         latest.json             the checkpoint to resume from, written once its upload finished
+        lease.json              the launch that trains the run now (training/lease.py)
 
 A checkpoint is whole when its _checkpoint.json and every file it lists are there. Uploads run
 in the background, one after the other; the previous checkpoint stays until a later one is
@@ -14,22 +15,40 @@ what it names.
 
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import log
+from common import UserError, log
 from training.shards import position, units
 
 POINTER = "latest.json"
+LEASE = "lease.json"
 WHOLE = "_checkpoint.json"  # in a checkpoint's folder, uploaded last
 # What a run without RUN_NAME writes under its prefixes; named runs' folders sit beside them.
-UNNAMED_RUN_FILES = ("_manifest.json", POINTER, "lora_model", "fused", "metrics.json", "loss.png",
-                     "tensorboard")
+UNNAMED_RUN_FILES = ("_manifest.json", POINTER, LEASE, "lora_model", "fused", "metrics.json",
+                     "loss.png", "tensorboard")
 
 
 def owned_by_unnamed_run(name):
     return name.split("/")[0] in UNNAMED_RUN_FILES or name.startswith("checkpoint-")
+
+
+def check_run_name(name):
+    """RUN_NAME must be a folder of its own beside the unnamed run's files."""
+    if name and (owned_by_unnamed_run(name) or not re.fullmatch(r"[A-Za-z0-9._-]+", name)
+                 or set(name) == {"."}):
+        raise UserError(f"RUN_NAME={name!r}: use letters, digits, '.', '_' and '-', and none of "
+                        f"{', '.join(UNNAMED_RUN_FILES)} or checkpoint-*")
+
+
+def replaced_by_force(run_name):
+    """What replacing a run's outputs (FORCE, REBUILD) deletes under its prefixes, by name:
+    all of a named run's; the unnamed run's own files (named runs' folders sit beside them);
+    never the lease, which this launch holds."""
+    return lambda name: (name.split("/")[0] != LEASE
+                         and (bool(run_name) or owned_by_unnamed_run(name)))
 
 
 def resume_point(bucket, prefix):
@@ -102,6 +121,28 @@ def checkpoint_saved(bucket, prefix, ranks, uploads, pointer, record):
                 record.waited(uploads.submit(local, pointer(state.global_step), others))
 
     return CheckpointSaved()
+
+
+def save_every(minutes, ranks, clock=time.monotonic):
+    """A TrainerCallback that asks for a checkpoint once `minutes` (SAVE_MINUTES; 0: never) have
+    passed since the last one or since it was made, whichever of SAVE_STEPS and this comes
+    first, so that a preemption loses that much training at most. Rank 0's clock decides for
+    every rank (one small broadcast an optimizer step), so that all save at the same step; the
+    callbacks after it (the evaluation) see the decision."""
+    from transformers import TrainerCallback
+
+    class SaveEvery(TrainerCallback):
+        last = clock()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            # (SAVE_STEPS and the shard's end decide the same on every rank)
+            if minutes and not control.should_save:
+                control.should_save = ranks.from_rank_0(lambda: clock() - self.last >= 60 * minutes)
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = clock()
+
+    return SaveEvery()
 
 
 class Uploads:

@@ -82,7 +82,8 @@ def plot_loss(metrics, path):
 
 def set_up_reporting(settings, checkpoints_url, inputs, trainer_dir):
     """REPORT_TO's setup: tensorboard's event files go with the checkpoints (Uploads), and a
-    Weights & Biases run stays one run across a managed job's recoveries."""
+    Weights & Biases run goes to WANDB_PROJECT and stays one run across a managed job's
+    recoveries."""
     if settings.report_to == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(trainer_dir, "tensorboard")
     if settings.report_to != "wandb":
@@ -93,6 +94,7 @@ def set_up_reporting(settings, checkpoints_url, inputs, trainer_dir):
     if not os.environ.get("WANDB_API_KEY"):
         raise UserError("REPORT_TO=wandb needs WANDB_API_KEY: give it as a secret "
                         "(--secret WANDB_API_KEY, or in .secrets)")
+    os.environ["WANDB_PROJECT"] = settings.wandb_project
     os.environ.setdefault("WANDB_RUN_ID", fingerprint([checkpoints_url, inputs])[:16])
     os.environ.setdefault("WANDB_RESUME", "allow")
     os.environ.setdefault("WANDB_NAME", settings.run_name or f"{settings.model_name} {settings.dataset_name}")

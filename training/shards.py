@@ -65,10 +65,6 @@ class Plan:
 def make_plan(settings, bucket, data_prefix, data, inputs, world):
     """The optimizer steps of every shard, from its rows' lengths alone (the `length` column:
     no shard is downloaded to plan), and of the run: NUM_EPOCHS passes, capped by MAX_STEPS."""
-    if settings.max_seq_length < data["max_seq_length"]:
-        raise UserError(f"MAX_SEQ_LENGTH={settings.max_seq_length} is below the "
-                        f"{data['max_seq_length']} that pretokenize.py cut rows to: raise it, or "
-                        "rerun pretokenize.py with this MAX_SEQ_LENGTH (FORCE=1)")
     plan = Plan(inputs)
     for entry in data["shards"]:
         lengths = shard_lengths(bucket, data_prefix, entry)
