@@ -7,8 +7,8 @@ The estimate, in bytes. T = BATCH_SIZE x MAX_SEQ_LENGTH tokens a batch; H, I, L,
 hidden size, MLP size, layers and vocabulary; P its parameters; r = LORA_R:
 
     weights      P x 2 (16-bit). LOAD_IN_4BIT: the blocks' linear weights x NF4_BYTES, the rest
-                 (embeddings, output layer, norms) x 2 with unsloth, x 4 with peft
-                 (prepare_model_for_kbit_training upcasts them to float32)
+                 (embeddings, output layer, norms) x 2: both backends keep them 16-bit
+                 (dotrain.prepare_for_4bit_training casts nothing to float32)
     LoRA         r x (inputs + outputs) of every linear projection of the blocks (all-linear),
                  x (4 bytes of weight + 4 of gradient + AdamW's two moments: 2 in 8-bit, 8 in
                  float32)
@@ -74,7 +74,7 @@ def estimate(shape, settings, backend, optim, fused_loss=False):
     rest = vocab * h * (1 if shape.tied else 2) + (2 * layers + 1) * h
     unsloth = backend == "unsloth"
     if settings.load_in_4bit:
-        weights = blocks * NF4_BYTES + rest * (2 if unsloth else 4)
+        weights = blocks * NF4_BYTES + rest * 2
     else:
         weights = (blocks + rest) * 2
     lora = settings.lora_r * layers * sum(a + b for a, b in linear) \
