@@ -91,7 +91,7 @@ def test_two_nodes_share_the_work_train_each_sequence_once_resume_and_a_rerun_wr
     killed_at, outputs = kill_nodes_when(env, tmp_path, lambda pointer: pointer["shard"] == 1
                                          and pointer["steps_into_shard"] > 0)
     assert "node 1 of 2" in outputs[1]  # pretokenize gave node 1 its share
-    assert "backend: peft on cpu, float32, adamw_torch, gradient checkpointing" in outputs[0]
+    assert "backend: peft on cpu, float32, adamw_torch, attention: sdpa, gradient checkpointing" in outputs[0]
     outputs = start_nodes(env, tmp_path)
     assert f"resuming at step {killed_at['step']}: shard {killed_at['shard']}" in outputs[0]
 
