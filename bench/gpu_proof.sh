@@ -164,9 +164,11 @@ EOF
   "$PYTHON" -m pip check 2>&1 | grep -v "which is not installed" || true
   if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not here"; fi
   source torch-for-driver.sh
-  local driver
-  driver=$(nvidia_driver)
-  echo "setup's torch for this driver (${driver:-none}): $(cuda_line "$driver")"
+  local driver capability
+  driver=$(nvidia_query driver_version)
+  capability=$(nvidia_query compute_cap)
+  echo "setup's torch for this driver (${driver:-none}) and GPU (compute capability" \
+    "${capability:-none}): $(cuda_line "$driver" "$capability")"
 }
 
 # A moto server on a free loopback port, in the background until the end, and its bucket, then
@@ -421,20 +423,21 @@ import json, os, sys
 
 import torch
 
-from common import done_prefix, model_ready_prefix, open_bucket, parse_settings, read_manifest
+from common import (DATA_SETTINGS, Setting, done_prefix, model_ready_location, open_bucket,
+                    parse_settings, read_manifest)
 from training import export
 
 model_dir, local = sys.argv[1:]
-bucket = open_bucket(parse_settings("", [], []))
-model, dataset = os.environ["MODEL_NAME"], os.environ["DATASET_NAME"]
-prefix = done_prefix(model, dataset, os.environ["RUN_NAME"])
+settings = parse_settings("", [Setting("MODEL_NAME"), Setting("DATASET_NAME"), *DATA_SETTINGS], [])
+bucket = open_bucket(settings)
+prefix = done_prefix(settings.model_name, settings.dataset_name, os.environ["RUN_NAME"])
 for folder in ("lora_model", "fused"):
     os.makedirs(f"{local}/{folder}")
     for path in bucket.fs.ls(bucket.path(f"{prefix}/{folder}"), detail=False):
         name = path.rsplit("/", 1)[-1]
         bucket.download(f"{prefix}/{folder}/{name}", f"{local}/{folder}/{name}")
-data = read_manifest(bucket, model_ready_prefix(model, dataset))
-examples, _ = export.check_examples(bucket, model_ready_prefix(model, dataset), data, None)  # held-out rows
+data_prefix = model_ready_location(bucket, settings)
+examples, _ = export.check_examples(bucket, data_prefix, read_manifest(bucket, data_prefix), None)  # held-out rows
 cap = {0: "300MiB", "cpu": "64GiB"} if torch.cuda.is_available() else {"cpu": "8GiB"}  # (smoke: no GPU)
 check, _ = export.check_logits(model_dir, f"{local}/lora_model", f"{local}/fused", examples, max_memory=cap)
 print(json.dumps(check))
