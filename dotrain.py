@@ -244,16 +244,6 @@ def resume_outputs(run, model_manifest):
     return inputs, done, Plan.from_manifest(plan)
 
 
-def held_out_loss(run):
-    """(model, tokenizer) -> the model's evaluation loss on the run's held-out rows, as training
-    measures it, one sequence a batch (the export's model holds 16-bit weights and full logits);
-    None without held-out rows. The export measures fused/ with it."""
-    rows = held_out_rows(run.bucket, run.data_prefix, run.data)
-    one_a_batch = argparse.Namespace(**{**vars(run.settings), "batch_size": 1})
-    return lambda model, tokenizer: evaluation_loss(
-        model, evaluation_batches(rows, one_a_batch, tokenizer, Ranks()), Ranks()) if rows else None
-
-
 # ---------------------------------------------------------------- backend
 
 
@@ -307,6 +297,26 @@ def decide(train_backend, capability, has_unsloth, has_bitsandbytes, world, load
     return name, dtype, "adamw_8bit" if cuda and has_bitsandbytes else "adamw_torch"
 
 
+def check_gpu_memory(settings, bucket):
+    """Refuse, before the model is downloaded, a run estimated not to fit this process's GPU
+    (training/fit.py: from the model's config.json alone); without a GPU, nothing to check."""
+    import torch
+
+    if not (settings.check_memory and torch.cuda.is_available()):
+        return
+    gpu, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    config = model_config(bucket, settings.model_name)
+    faster = measured_faster(config, settings.load_in_4bit, settings.packing)[0] \
+        if world == 1 and settings.train_backend == "auto" else None
+    name, _, optim = decide(
+        settings.train_backend, torch.cuda.get_device_capability(gpu),
+        importlib.util.find_spec("unsloth") is not None,
+        importlib.util.find_spec("bitsandbytes") is not None, world, settings.load_in_4bit, faster)
+    properties = torch.cuda.get_device_properties(gpu)
+    # On CUDA the loss never holds the full logits (unsloth's fused loss, TRL's fused LM head).
+    check_fits(config, settings, name, optim, properties.name, properties.total_memory, fused_loss=True)
+
+
 def choose_backend(settings, ranks, plan, model_dir):
     """The backend this machine trains with (TRAIN_BACKEND=auto on one GPU: the one the GPU
     benchmark measured faster at this model's size, if it measured both) and its attention;
@@ -357,26 +367,6 @@ def choose_backend(settings, ranks, plan, model_dir):
         f"{', 4-bit base' if settings.load_in_4bit else ''}, {optim}, attention: {backend.attention}"
         f"{', gradient checkpointing' if backend.gradient_checkpointing else ''}")
     return backend
-
-
-def check_gpu_memory(settings, bucket):
-    """Refuse, before the model is downloaded, a run estimated not to fit this process's GPU
-    (training/fit.py: from the model's config.json alone); without a GPU, nothing to check."""
-    import torch
-
-    if not (settings.check_memory and torch.cuda.is_available()):
-        return
-    gpu, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    config = model_config(bucket, settings.model_name)
-    faster = measured_faster(config, settings.load_in_4bit, settings.packing)[0] \
-        if world == 1 and settings.train_backend == "auto" else None
-    name, _, optim = decide(
-        settings.train_backend, torch.cuda.get_device_capability(gpu),
-        importlib.util.find_spec("unsloth") is not None,
-        importlib.util.find_spec("bitsandbytes") is not None, world, settings.load_in_4bit, faster)
-    properties = torch.cuda.get_device_properties(gpu)
-    # On CUDA the loss never holds the full logits (unsloth's fused loss, TRL's fused LM head).
-    check_fits(config, settings, name, optim, properties.name, properties.total_memory, fused_loss=True)
 
 
 def unusable_gpu(torch):
@@ -762,6 +752,16 @@ def evaluation_loss(model, batches, ranks, fused=False):
     model.train(was_training)
     sums = ranks.gather((loss_sum, tokens))
     return sum(s for s, _ in sums) / max(sum(t for _, t in sums), 1)
+
+
+def held_out_loss(run):
+    """(model, tokenizer) -> the model's evaluation loss on the run's held-out rows, as training
+    measures it, one sequence a batch (the export's model holds 16-bit weights and full logits);
+    None without held-out rows. The export measures fused/ with it."""
+    rows = held_out_rows(run.bucket, run.data_prefix, run.data)
+    one_a_batch = argparse.Namespace(**{**vars(run.settings), "batch_size": 1})
+    return lambda model, tokenizer: evaluation_loss(
+        model, evaluation_batches(rows, one_a_batch, tokenizer, Ranks()), Ranks()) if rows else None
 
 
 def held_out_rows(bucket, prefix, data):
