@@ -44,7 +44,6 @@ trainer and its loop over the shards, the evaluation. Its machinery lives in tra
 processes and ranks, the plan and the shards, the checkpoints, the export and merge, the report.
 """
 
-import argparse
 import gc
 import importlib.util
 import logging
@@ -182,7 +181,7 @@ def main():
             sys.stdout.flush()
             lease.release()  # (the fresh process takes it again)
             os.execv(sys.executable, [sys.executable, *sys.argv])
-    export(run, model_dir, plan, inputs, work, held_out_loss(run))
+    export(run, model_dir, plan, inputs, work, held_out_rows(bucket, run.data_prefix, run.data))
 
 
 # ---------------------------------------------------------------- the run
@@ -752,16 +751,6 @@ def evaluation_loss(model, batches, ranks, fused=False):
     model.train(was_training)
     sums = ranks.gather((loss_sum, tokens))
     return sum(s for s, _ in sums) / max(sum(t for _, t in sums), 1)
-
-
-def held_out_loss(run):
-    """(model, tokenizer) -> the model's evaluation loss on the run's held-out rows, as training
-    measures it, one sequence a batch (the export's model holds 16-bit weights and full logits);
-    None without held-out rows. The export measures fused/ with it."""
-    rows = held_out_rows(run.bucket, run.data_prefix, run.data)
-    one_a_batch = argparse.Namespace(**{**vars(run.settings), "batch_size": 1})
-    return lambda model, tokenizer: evaluation_loss(
-        model, evaluation_batches(rows, one_a_batch, tokenizer, Ranks()), Ranks()) if rows else None
 
 
 def held_out_rows(bucket, prefix, data):

@@ -28,6 +28,7 @@ from training.shards import last_trained
 
 EXPORTED_FILES = ["adapter_model.safetensors", "adapter_config.json", "trainer_state.json"]
 SAMPLE_TOKENS = 64  # of the sample answer, a smoke test of the fused model
+LOSS_POSITIONS = 1024  # logits computed at once for fused/'s evaluation loss
 CHECK_ROWS, CHECK_TOKENS = 3, 128  # held-out rows whose logits are compared, and tokens of each
 # The logits check (check_logits) compares root mean squares over the trained positions and
 # the vocabulary. The adapter must move the logits by more than EFFECT_FLOOR of their size:
@@ -55,10 +56,10 @@ EFFECT_FLOOR = 2 ** -8
 LOGITS_TOLERANCE = 0.25
 
 
-def export(run, model_dir, plan, inputs, work, held_out_loss):
+def export(run, model_dir, plan, inputs, work, held_out):
     """lora_model/ and fused/ from the last checkpoint, checked against each other, fused/'s
-    evaluation loss (`held_out_loss(model, tokenizer)`: None without held-out rows) beside the
-    trained model's, metrics, then the done manifest."""
+    evaluation loss on the `held_out` rows beside the trained model's, metrics, then the done
+    manifest."""
     settings, bucket = run.settings, run.bucket
     pointer = resume_point(bucket, run.checkpoints)
     checkpoint = fetch_checkpoint(bucket, run.checkpoints, pointer, work.export, EXPORTED_FILES)
@@ -72,7 +73,7 @@ def export(run, model_dir, plan, inputs, work, held_out_loss):
     check.update(merge=merge, rows=rows)
     sample = generate(fused, tokenizer, settings.sample_prompt)
     log(f"sample (greedy, fused model): {settings.sample_prompt!r} -> {sample!r}")
-    fused_loss = held_out_loss(fused, tokenizer)
+    fused_loss = evaluation_loss(fused, held_out) if held_out else None
     del fused
 
     metrics = run_metrics(checkpoint, plan, pointer)
@@ -273,6 +274,28 @@ def logits(model, examples):
     with torch.no_grad():
         return torch.cat([model(input_ids=torch.tensor([ids], device=model.device)).logits[0, positions].float()
                           for ids, positions in examples])
+
+
+def evaluation_loss(model, rows):
+    """The model's mean loss per trained token on `rows`, a row at a time, its logits computed
+    only at the positions whose next token is trained, LOSS_POSITIONS at a time (the model's
+    own forward: logits_to_keep): the export's model holds 16-bit weights, and a row's full
+    logits in float32 (its tokens x a vocabulary of 152k) would not fit beside them on the GPUs
+    a 4-bit run trains on."""
+    import torch
+    import torch.nn.functional as F
+
+    loss_sum = tokens = 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row["input_ids"]], device=model.device)
+            labels = torch.tensor(row["labels"], device=model.device)
+            positions = (labels[1:] != NOT_TRAINED).nonzero().flatten()
+            for chunk in positions.split(LOSS_POSITIONS):
+                logits = model(input_ids=ids, logits_to_keep=chunk, use_cache=False).logits[0]
+                loss_sum += F.cross_entropy(logits.float(), labels[chunk + 1], reduction="sum").item()
+            tokens += len(positions)
+    return loss_sum / max(tokens, 1)
 
 
 def rms(values):
