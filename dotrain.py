@@ -522,23 +522,11 @@ def load_for_training(settings, backend, model_dir, ranks):
             bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype,
                                                  attn_implementation=backend.attention, **where)
-    if backend.load_in_4bit:
-        model = prepare_for_4bit_training(model)
+    # Not peft's prepare_model_for_kbit_training: it casts every 16-bit weight (embeddings, output
+    # layer, norms) to float32, ~2 GB more for an 8B model. get_peft_model freezes the base, and
+    # the trainer makes the embeddings' output require grad for checkpointed layers.
     targets = lora_targets(model, settings.lora_targets)
     return get_peft_model(model, LoraConfig(**lora, target_modules=targets, task_type="CAUSAL_LM")), tokenizer
-
-
-def prepare_for_4bit_training(model):
-    """peft's prepare_model_for_kbit_training without its cast of every 16-bit weight to float32:
-    the embeddings and the output layer stay 16-bit (in float32 they take ~2 GB more for an 8B
-    model, and autocast casts the output layer back to 16 bits at every step), and so do the
-    norms, as unsloth keeps them (only the adapters are float32: get_peft_model makes them so).
-    The base frozen, and the embeddings' output requiring grad so that gradients reach the
-    adapters through checkpointed layers (GRADIENT_CHECKPOINTING: the trainer turns it on)."""
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    model.enable_input_require_grads()
-    return model
 
 
 def lora_targets(model, setting):
@@ -649,8 +637,15 @@ def make_trainer(settings, backend, model, tokenizer, dataset, work, max_steps, 
         include_num_input_tokens_seen="non_padding",  # (ShardTrainer counts them)
         disable_tqdm=True)
     callbacks = [*callbacks, KeepScheduleOnStep()] if backend.fp16 else list(callbacks)
-    return backend.trainer_class(model=model, args=config, train_dataset=dataset,
-                                 processing_class=tokenizer, callbacks=callbacks)
+    trainer = backend.trainer_class(model=model, args=config, train_dataset=dataset,
+                                    processing_class=tokenizer, callbacks=callbacks)
+    if backend.load_in_4bit:
+        # TRL casts a 4-bit model's adapters to bfloat16, which fp16's loss scaler cannot unscale
+        # (T4, V100); float32 adapters, as unsloth keeps them, train on every GPU.
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    return trainer
 
 
 def KeepScheduleOnStep():  # noqa: N802 - a TrainerCallback made on first use (transformers is heavy)

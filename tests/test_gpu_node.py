@@ -274,24 +274,34 @@ def test_the_plan_records_its_precision_and_a_cpu_resume_of_a_gpu_run_says_so(ca
 # ---------------------------------------------------------------- QLoRA with transformers + peft
 
 
-def test_the_4bit_base_is_prepared_without_casting_its_16_bit_weights_to_float32(tiny_model):
-    """bitsandbytes needs CUDA: what load_for_training does to the 4-bit base besides quantizing
-    it, on the 16-bit model (bench/gpu_proof.sh measures the 4-bit 8B shape on a GPU)."""
+def test_a_4bit_run_keeps_its_16_bit_weights_and_trains_float32_adapters(tiny_model, tmp_path):
+    """bitsandbytes needs CUDA: what load_for_training and make_trainer do to a 4-bit base
+    besides quantizing it, on the 16-bit model marked as TRL finds a 4-bit one (bench/gpu_proof.sh
+    trains the 4-bit 8B shape on a GPU)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from types import SimpleNamespace
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
-    dtypes = {name: parameter.dtype for name, parameter in model.named_parameters()}
-    assert set(dtypes.values()) == {torch.bfloat16}
-    model = dotrain.prepare_for_4bit_training(model)
+    import datasets
+    from transformers import AutoTokenizer
+
+    from training.processes import Ranks
+
+    settings = SimpleNamespace(seed=0, batch_size=1, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
+                               weight_decay=0.0, max_seq_length=64, packing=False, save_steps=1000,
+                               logging_steps=1, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                               lora_targets="all-linear", lr_scheduler="linear", report_to="none")
+    backend = dotrain.Backend("peft", "cpu", "bfloat16", "adamw_torch")
+    backend.trainer_class = dotrain.shard_trainer_class(backend)
+    adapted, _ = dotrain.load_for_training(settings, backend, str(tiny_model), Ranks())
+    adapted.base_model.model.is_loaded_in_4bit = True  # as bitsandbytes marks a 4-bit model
+    backend.load_in_4bit = True
+    rows = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7, 8]], "labels": [[5, 6, 7, 8]]})
+    dotrain.make_trainer(settings, backend, adapted, AutoTokenizer.from_pretrained(tiny_model), rows,
+                         SimpleNamespace(trainer=str(tmp_path)), max_steps=1)
     # embeddings, output layer and norms stay 16-bit (peft's prepare_model_for_kbit_training
     # makes every one of them float32), and the base is frozen
-    assert {name: parameter.dtype for name, parameter in model.named_parameters()} == dtypes
-    assert not any(parameter.requires_grad for parameter in model.parameters())
-    # gradients reach the adapters through checkpointed layers: the embeddings' output needs grad
-    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
-    adapted = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    base = {parameter.dtype for parameter in adapted.parameters() if not parameter.requires_grad}
+    assert base == {torch.bfloat16}
     trainable = {parameter.dtype for parameter in adapted.parameters() if parameter.requires_grad}
-    assert trainable == {torch.float32}  # only the adapters, in float32
+    assert trainable == {torch.float32}  # only the adapters, in float32 (TRL makes them bfloat16)
     assert adapted.get_output_embeddings().weight.dtype == torch.bfloat16

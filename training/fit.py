@@ -8,7 +8,7 @@ hidden size, MLP size, layers and vocabulary; P its parameters; r = LORA_R:
 
     weights      P x 2 (16-bit). LOAD_IN_4BIT: the blocks' linear weights x NF4_BYTES, the rest
                  (embeddings, output layer, norms) x 2: both backends keep them 16-bit
-                 (dotrain.prepare_for_4bit_training casts nothing to float32)
+                 (dotrain.load_for_training does not cast them to float32)
     LoRA         r x (inputs + outputs) of every linear projection of the blocks (all-linear),
                  x (4 bytes of weight + 4 of gradient + AdamW's two moments: 2 in 8-bit, 8 in
                  float32)

@@ -49,9 +49,9 @@ def skipped_steps(records, record, max_fraction):
 
 def precision_change(planned, dtype):
     """What a run whose checkpoints were trained in `planned` does on a machine that trains in
-    `dtype`: the adapter and its optimizer state are float32 whatever the precision, so a
-    change goes on (the line to log), but for a change to float16, whose narrower range a model
-    trained in bfloat16 or float32 may overflow: refused."""
+    `dtype`: the adapter is float32 whatever the precision, and its optimizer state does not
+    depend on it, so a change goes on (the line to log), but for a change to float16, whose
+    narrower range a model trained in bfloat16 or float32 may overflow: refused."""
     if planned in (None, dtype):
         return None
     if dtype == "float16":
@@ -60,4 +60,4 @@ def precision_change(planned, dtype):
                         "may overflow: resume on the kind of GPU the run started on (pin it, e.g. "
                         "--gpus L4:1), or rerun with REBUILD=dotrain to start over in float16")
     return (f"the checkpoints of this run were trained in {planned}: resuming in {dtype} (the "
-            "adapter and its optimizer state are float32 in both)")
+            "adapter is float32 in both)")
