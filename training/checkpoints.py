@@ -110,8 +110,8 @@ def checkpoint_saved(bucket, prefix, ranks, uploads, pointer, record):
             local = os.path.join(args.output_dir, name)
             others = [f"rng_state_{rank}.pth" for rank in range(ranks.world)
                       if ranks.node_of(rank) != 0]
+            ranks.barrier()  # every process has saved its RNG state on its node's disk
             if others:
-                ranks.barrier()  # every process has saved its RNG state on its node's disk
                 if ranks.local_rank == 0 and ranks.node != 0:
                     for file in others:
                         if os.path.exists(os.path.join(local, file)):

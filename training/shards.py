@@ -161,7 +161,8 @@ def prepared_shards(settings, data_prefix, data, plan, first, work, ranks):
 
     from datasets import Dataset, concatenate_datasets
 
-    todo = [(number, unit) for number, unit in enumerate(units(plan)) if number >= first]
+    todo = [(number, unit) for number, unit in enumerate(units(plan))  # (not past MAX_STEPS)
+            if number >= first and unit[2] < plan.total_steps]
     leader = ranks.local_rank == 0
 
     def folder(unit):
