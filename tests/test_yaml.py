@@ -590,7 +590,7 @@ def replica(tmp_path, s3):
         put(f"{done}/_manifest.json", json.dumps({"complete": complete}))
         put(f"{done}/fused/config.json", json.dumps({"model_type": model_type}))
         put(f"{done}/fused/model.safetensors", f"{run_name}/model.safetensors")
-        put(f"{done}/lora_model/adapter_config.json", json.dumps({"r": rank, "rank_pattern": {}}))
+        put(f"{done}/lora_model/adapter_config.json", json.dumps({"r": rank}))
         put(f"{done}/lora_model/adapter_model.safetensors", f"{run_name}/adapter")
         put(f"{done}/lora_model/tokenizer_config.json", "the runs' tokenizer")
         put(f"{done}/lora_model/generation_config.json", "the runs' stops")
