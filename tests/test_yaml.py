@@ -643,8 +643,10 @@ def test_tool_call_parser_can_be_named_or_turned_off(replica):
     assert vllm[0] == f"{VLLM} --served-model-name finetuned"
 
 
-@pytest.mark.parametrize("run_name, served", [("", ""), ("lr-1e-4", "lr-1e-4/")])
-def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_name(replica, run_name, served):
+# RUN_NAME's run answers to SERVED_MODEL_NAME alone: one adapter, one of --max-loras' slots
+@pytest.mark.parametrize("run_name, others, served", [("", ["lr-1e-4"], ""), ("lr-1e-4", [], "lr-1e-4/")])
+def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_name(replica, run_name,
+                                                                                    others, served):
     replica.put_base()
     replica.put_run("", rank=16)
     replica.put_run("lr-1e-4", rank=24)
@@ -652,9 +654,9 @@ def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_na
     result, vllm = replica.serve(ADAPTERS="1", RUN_NAME=run_name)
     assert result.returncode == 0, result.stderr
     runs = replica.work / "runs"
+    modules = [f"{run}={runs}/{run}/lora_model" for run in others] + [f"finetuned={runs}/{served}lora_model"]
     assert vllm[0] == (f"{VLLM} --served-model-name Qwen/Qwen2.5-0.5B --enable-lora --max-lora-rank 32 "
-                       f"--max-loras 2 --lora-modules lr-1e-4={runs}/lr-1e-4/lora_model "
-                       f"finetuned={runs}/{served}lora_model {HERMES}")
+                       f"--max-loras {len(modules)} --lora-modules {' '.join(modules)} {HERMES}")
     # the bucket's base, with the runs' tokenizer and generation config, as in their fused/
     model = replica.work / "model"
     assert (model / "model.safetensors").read_text() == "base weights"
