@@ -585,14 +585,17 @@ def replica(tmp_path, s3):
         put(f"{base}/tokenizer_config.json", "the base's tokenizer")
         put(f"{base}/_manifest.json", json.dumps({"complete": True}))
 
-    def put_run(run_name="", complete=True, model_type="qwen2", rank=16):
+    def put_run(run_name="", complete=True, model_type="qwen2", rank=16, tokenizer="the runs' tokenizer",
+                template="the runs' template"):
         done = f"done/{envs['MODEL_NAME']}/{envs['DATASET_NAME']}" + (f"/{run_name}" if run_name else "")
         put(f"{done}/_manifest.json", json.dumps({"complete": complete}))
         put(f"{done}/fused/config.json", json.dumps({"model_type": model_type}))
         put(f"{done}/fused/model.safetensors", f"{run_name}/model.safetensors")
         put(f"{done}/lora_model/adapter_config.json", json.dumps({"r": rank}))
         put(f"{done}/lora_model/adapter_model.safetensors", f"{run_name}/adapter")
-        put(f"{done}/lora_model/tokenizer_config.json", "the runs' tokenizer")
+        put(f"{done}/lora_model/tokenizer_config.json", tokenizer)
+        if template is not None:
+            put(f"{done}/lora_model/chat_template.jinja", template)
         put(f"{done}/lora_model/generation_config.json", "the runs' stops")
 
     def serve(api_key=SERVE_KEY, **settings):
@@ -663,6 +666,29 @@ def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_na
     assert (model / "tokenizer_config.json").read_text() == "the runs' tokenizer"
     assert (model / "generation_config.json").read_text() == "the runs' stops"
     assert not list(model.glob("adapter_*"))
+
+
+def test_with_adapters_runs_of_another_tokenizer_or_chat_template_are_left_out_and_named(replica):
+    replica.put_base()
+    replica.put_run("")
+    replica.put_run("lr-1e-4")
+    replica.put_run("chatml", template="chatml")  # a sweep over CHAT_TEMPLATE
+    replica.put_run("no-template", template=None)
+    replica.put_run("other-tokenizer", tokenizer="another tokenizer")
+    result, vllm = replica.serve(ADAPTERS="1")
+    assert result.returncode == 0, result.stderr
+    runs, model = replica.work / "runs", replica.work / "model"
+    assert f"--max-loras 2 --lora-modules lr-1e-4={runs}/lr-1e-4/lora_model finetuned={runs}/lora_model " in vllm[0]
+    assert ("not served: chatml, no-template, other-tokenizer: their tokenizer or chat template differs "
+            "from that of RUN_NAME's run (the unnamed run), which the base is served with; serve them "
+            "from a service whose RUN_NAME is one of them") in result.stdout.splitlines()
+    assert (model / "chat_template.jinja").read_text() == "the runs' template"
+
+    result, vllm = replica.serve(ADAPTERS="1", RUN_NAME="chatml")
+    assert result.returncode == 0, result.stderr
+    assert f"--max-loras 1 --lora-modules finetuned={runs}/chatml/lora_model " in vllm[0]
+    assert "not served: lr-1e-4, no-template, other-tokenizer: " in result.stdout
+    assert (model / "chat_template.jinja").read_text() == "chatml"
 
 
 def test_with_adapters_a_rank_above_what_vllm_takes_is_refused_in_one_line(replica):
