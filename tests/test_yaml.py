@@ -586,9 +586,10 @@ def replica(tmp_path, s3):
         put(f"{base}/_manifest.json", json.dumps({"complete": True}))
 
     def put_run(run_name="", complete=True, model_type="qwen2", rank=16, tokenizer="the runs' tokenizer",
-                template="the runs' template"):
+                template="the runs' template", max_seq_length=4096):
         done = f"done/{envs['MODEL_NAME']}/{envs['DATASET_NAME']}" + (f"/{run_name}" if run_name else "")
-        put(f"{done}/_manifest.json", json.dumps({"complete": complete}))
+        put(f"{done}/_manifest.json", json.dumps({"complete": complete,
+                                                  "inputs": {"max_seq_length": max_seq_length}}))
         put(f"{done}/fused/config.json", json.dumps({"model_type": model_type}))
         put(f"{done}/fused/model.safetensors", f"{run_name}/model.safetensors")
         put(f"{done}/lora_model/adapter_config.json", json.dumps({"r": rank}))
@@ -689,6 +690,22 @@ def test_with_adapters_runs_of_another_tokenizer_or_chat_template_are_left_out_a
     assert f"--max-loras 1 --lora-modules finetuned={runs}/chatml/lora_model " in vllm[0]
     assert "not served: lr-1e-4, no-template, other-tokenizer: " in result.stdout
     assert (model / "chat_template.jinja").read_text() == "chatml"
+
+
+def test_the_context_is_the_longest_sequence_the_served_runs_were_trained_on(replica):
+    assert "MAX_SEQ_LENGTH" not in task("service.yaml")["envs"]
+    replica.put_base()
+    replica.put_run("", max_seq_length=8192)
+    replica.put_run("short", max_seq_length=2048)
+    replica.put_run("long", max_seq_length=16384)
+    replica.put_run("chatml", max_seq_length=32768, template="chatml")  # not served: not counted
+    replica.put_run("training", complete=False, max_seq_length=65536)  # nor this one
+    # the same .env as training's may hold another MAX_SEQ_LENGTH: the runs' own is served
+    for settings, context in [({}, 8192), ({"MAX_SEQ_LENGTH": "4096"}, 8192), ({"RUN_NAME": "short"}, 2048),
+                              ({"ADAPTERS": "1"}, 16384), ({"ADAPTERS": "1", "RUN_NAME": "short"}, 16384)]:
+        result, vllm = replica.serve(**settings)
+        assert result.returncode == 0, result.stderr
+        assert f" --max-model-len {context} " in vllm[0], settings
 
 
 def test_with_adapters_a_rank_above_what_vllm_takes_is_refused_in_one_line(replica):
