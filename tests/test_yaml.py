@@ -223,6 +223,10 @@ def test_the_example_files_hold_every_setting_with_its_default():
                 default = documented_default(s)
                 assert env[s.env] == default, f"{s.env}: .env.example says {env[s.env]!r}, " \
                                               f"{script} defaults to {default!r}"
+    for name, value in task("service.yaml")["envs"].items():
+        if value is not None:
+            assert env.get(name) == str(value), f"{name}: .env.example says {env.get(name)!r}, " \
+                                                f"service.yaml defaults to {value!r}"
 
 
 def test_the_task_envs_agree_with_the_steps_defaults():
