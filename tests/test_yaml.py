@@ -223,6 +223,10 @@ def test_the_example_files_hold_every_setting_with_its_default():
                 default = documented_default(s)
                 assert env[s.env] == default, f"{s.env}: .env.example says {env[s.env]!r}, " \
                                               f"{script} defaults to {default!r}"
+    for name, value in task("service.yaml")["envs"].items():
+        if value is not None:
+            assert env.get(name) == str(value), f"{name}: .env.example says {env.get(name)!r}, " \
+                                                f"service.yaml defaults to {value!r}"
 
 
 def test_the_task_envs_agree_with_the_steps_defaults():
@@ -585,14 +589,18 @@ def replica(tmp_path, s3):
         put(f"{base}/tokenizer_config.json", "the base's tokenizer")
         put(f"{base}/_manifest.json", json.dumps({"complete": True}))
 
-    def put_run(run_name="", complete=True, model_type="qwen2", rank=16):
+    def put_run(run_name="", complete=True, model_type="qwen2", rank=16, tokenizer="the runs' tokenizer",
+                template="the runs' template", max_seq_length=4096):
         done = f"done/{envs['MODEL_NAME']}/{envs['DATASET_NAME']}" + (f"/{run_name}" if run_name else "")
-        put(f"{done}/_manifest.json", json.dumps({"complete": complete}))
+        put(f"{done}/_manifest.json", json.dumps({"complete": complete,
+                                                  "inputs": {"max_seq_length": max_seq_length}}))
         put(f"{done}/fused/config.json", json.dumps({"model_type": model_type}))
         put(f"{done}/fused/model.safetensors", f"{run_name}/model.safetensors")
-        put(f"{done}/lora_model/adapter_config.json", json.dumps({"r": rank, "rank_pattern": {}}))
+        put(f"{done}/lora_model/adapter_config.json", json.dumps({"r": rank}))
         put(f"{done}/lora_model/adapter_model.safetensors", f"{run_name}/adapter")
-        put(f"{done}/lora_model/tokenizer_config.json", "the runs' tokenizer")
+        put(f"{done}/lora_model/tokenizer_config.json", tokenizer)
+        if template is not None:
+            put(f"{done}/lora_model/chat_template.jinja", template)
         put(f"{done}/lora_model/generation_config.json", "the runs' stops")
 
     def serve(api_key=SERVE_KEY, **settings):
@@ -643,8 +651,10 @@ def test_tool_call_parser_can_be_named_or_turned_off(replica):
     assert vllm[0] == f"{VLLM} --served-model-name finetuned"
 
 
-@pytest.mark.parametrize("run_name, served", [("", ""), ("lr-1e-4", "lr-1e-4/")])
-def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_name(replica, run_name, served):
+# RUN_NAME's run answers to SERVED_MODEL_NAME alone: one adapter, one of --max-loras' slots
+@pytest.mark.parametrize("run_name, others, served", [("", ["lr-1e-4"], ""), ("lr-1e-4", [], "lr-1e-4/")])
+def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_name(replica, run_name,
+                                                                                    others, served):
     replica.put_base()
     replica.put_run("", rank=16)
     replica.put_run("lr-1e-4", rank=24)
@@ -652,15 +662,54 @@ def test_with_adapters_one_endpoint_serves_the_base_and_every_complete_run_by_na
     result, vllm = replica.serve(ADAPTERS="1", RUN_NAME=run_name)
     assert result.returncode == 0, result.stderr
     runs = replica.work / "runs"
+    modules = [f"{run}={runs}/{run}/lora_model" for run in others] + [f"finetuned={runs}/{served}lora_model"]
     assert vllm[0] == (f"{VLLM} --served-model-name Qwen/Qwen2.5-0.5B --enable-lora --max-lora-rank 32 "
-                       f"--max-loras 2 --lora-modules lr-1e-4={runs}/lr-1e-4/lora_model "
-                       f"finetuned={runs}/{served}lora_model {HERMES}")
+                       f"--max-loras {len(modules)} --lora-modules {' '.join(modules)} {HERMES}")
     # the bucket's base, with the runs' tokenizer and generation config, as in their fused/
     model = replica.work / "model"
     assert (model / "model.safetensors").read_text() == "base weights"
     assert (model / "tokenizer_config.json").read_text() == "the runs' tokenizer"
     assert (model / "generation_config.json").read_text() == "the runs' stops"
     assert not list(model.glob("adapter_*"))
+
+
+def test_with_adapters_runs_of_another_tokenizer_or_chat_template_are_left_out_and_named(replica):
+    replica.put_base()
+    replica.put_run("")
+    replica.put_run("lr-1e-4")
+    replica.put_run("chatml", template="chatml")  # a sweep over CHAT_TEMPLATE
+    replica.put_run("no-template", template=None)
+    replica.put_run("other-tokenizer", tokenizer="another tokenizer")
+    result, vllm = replica.serve(ADAPTERS="1")
+    assert result.returncode == 0, result.stderr
+    runs, model = replica.work / "runs", replica.work / "model"
+    assert f"--max-loras 2 --lora-modules lr-1e-4={runs}/lr-1e-4/lora_model finetuned={runs}/lora_model " in vllm[0]
+    assert ("not served: chatml, no-template, other-tokenizer: their tokenizer or chat template differs "
+            "from that of RUN_NAME's run (the unnamed run), which the base is served with; serve them "
+            "from a service whose RUN_NAME is one of them") in result.stdout.splitlines()
+    assert (model / "chat_template.jinja").read_text() == "the runs' template"
+
+    result, vllm = replica.serve(ADAPTERS="1", RUN_NAME="chatml")
+    assert result.returncode == 0, result.stderr
+    assert f"--max-loras 1 --lora-modules finetuned={runs}/chatml/lora_model " in vllm[0]
+    assert "not served: lr-1e-4, no-template, other-tokenizer: " in result.stdout
+    assert (model / "chat_template.jinja").read_text() == "chatml"
+
+
+def test_the_context_is_the_longest_sequence_the_served_runs_were_trained_on(replica):
+    assert "MAX_SEQ_LENGTH" not in task("service.yaml")["envs"]
+    replica.put_base()
+    replica.put_run("", max_seq_length=8192)
+    replica.put_run("short", max_seq_length=2048)
+    replica.put_run("long", max_seq_length=16384)
+    replica.put_run("chatml", max_seq_length=32768, template="chatml")  # not served: not counted
+    replica.put_run("training", complete=False, max_seq_length=65536)  # nor this one
+    # the same .env as training's may hold another MAX_SEQ_LENGTH: the runs' own is served
+    for settings, context in [({}, 8192), ({"MAX_SEQ_LENGTH": "4096"}, 8192), ({"RUN_NAME": "short"}, 2048),
+                              ({"ADAPTERS": "1"}, 16384), ({"ADAPTERS": "1", "RUN_NAME": "short"}, 16384)]:
+        result, vllm = replica.serve(**settings)
+        assert result.returncode == 0, result.stderr
+        assert f" --max-model-len {context} " in vllm[0], settings
 
 
 def test_with_adapters_a_rank_above_what_vllm_takes_is_refused_in_one_line(replica):
