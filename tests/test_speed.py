@@ -2,11 +2,13 @@
 and the MFU; and the backend TRAIN_BACKEND=auto picks from the GPU benchmark's measurements."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, fixture_path
 
-from training.speed import matmul_params, measured_faster, mfu, model_flops_per_token, peak_flops
+from training.speed import (describe, matmul_params, measured_faster, mfu, model_flops_per_token, peak_flops,
+                            summary)
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128, "vocab_size": 512}  # demo/synthetic.py's model
@@ -34,6 +36,26 @@ def test_the_model_flops_of_a_token_counted_by_hand():
     # (24 x 1,152) and the norms (49 x 896).
     qwen = json.loads(fixture_path("tokenizers", "qwen2.5-0.5b", "config.json").read_text())
     assert matmul_params(qwen) + 24 * 1_152 + 49 * 896 == 494_032_768
+
+
+def test_sizes_nested_in_a_text_config_or_missing_fail_no_run():
+    """A multimodal model's config.json (Gemma 3, which AutoModelForCausalLM loads as
+    Gemma3ForConditionalGeneration) gives its decoder's sizes in text_config; a config that gives
+    none leaves the FLOPs, the MFU and TRAIN_BACKEND=auto's measurement unknown, and the run goes on."""
+    gemma_like = {"model_type": "gemma3", "text_config": TINY,
+                  "vision_config": {"hidden_size": 1152, "num_hidden_layers": 27}}
+    assert matmul_params(gemma_like) == 106_496
+    assert model_flops_per_token(gemma_like, 10) == model_flops_per_token(TINY, 10) == 425_984 + 15_360
+    for config in ({"model_type": "custom"}, None):
+        assert matmul_params(config) is None and model_flops_per_token(config, 10) is None
+        assert measured_faster(config, False, True) == (None, "config.json gives no sizes")
+    # what every run reports of its speed, here on the CPU
+    backend = SimpleNamespace(device="cpu", attention="sdpa", dtype="float32")
+    plan = SimpleNamespace(shards=[{"tokens": 30}], rows=3)
+    entry = describe({"model_type": "custom"}, backend, 1, plan)
+    assert entry["model_flops_per_token"] is None
+    assert mfu(1_000, None, 989e12) is None
+    assert summary([{"tokens_per_second": 1_000.0}], {**entry, "peak_flops": 989e12})["mfu"] is None
 
 
 @pytest.mark.parametrize("gpu, peak", [

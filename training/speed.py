@@ -10,6 +10,8 @@ import os
 import re
 import statistics
 
+from training.fit import model_shape
+
 SHAPES = 16  # a run's batches take at most this many lengths
 MEASURED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
                         "gpu_train.json")
@@ -34,14 +36,15 @@ def read_config(model_dir):
 
 
 def matmul_params(config):
-    """The weights a token is multiplied by (a decoder's config.json): the projections of every
-    block (q, k, v, o; gate, up, down) and the output layer, counted even when tied to the input
-    embedding, whose lookup is no product; biases and norms left out."""
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    kv_heads, head_dim = config.get("num_key_value_heads") or heads, config.get("head_dim") or hidden // heads
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    mlp = 3 * hidden * config["intermediate_size"]
-    return config["num_hidden_layers"] * (attention + mlp) + config["vocab_size"] * hidden
+    """The weights a token is multiplied by (a decoder's config.json, a multimodal model's
+    text_config): the projections of every block (q, k, v, o; gate, up, down) and the output
+    layer, counted even when tied to the input embedding, whose lookup is no product; biases and
+    norms left out. None when the config does not give the sizes (training.fit.model_shape)."""
+    shape = model_shape(config or {})
+    if shape is None:
+        return None
+    attention = 2 * shape.hidden * shape.heads * shape.head + 2 * shape.hidden * shape.kv_heads * shape.head
+    return shape.layers * (attention + 3 * shape.hidden * shape.mlp) + shape.vocab * shape.hidden
 
 
 def model_flops_per_token(config, context):
@@ -61,15 +64,18 @@ def model_flops_per_token(config, context):
 
     Left out: the forward that gradient checkpointing recomputes (hardware, not model, FLOPs),
     the LoRA matrices (6r(m + n) a token for each adapted m x n weight: about 4% more at r 16 on
-    Qwen2.5), norms, activations, softmax and the optimizer."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return 4 * matmul_params(config) + 12 * config["num_hidden_layers"] * heads * head_dim * context
+    Qwen2.5), norms, activations, softmax and the optimizer. None when the config does not give
+    the sizes."""
+    shape = model_shape(config or {})
+    if shape is None:
+        return None
+    return 4 * matmul_params(config) + 12 * shape.layers * shape.heads * shape.head * context
 
 
 def mfu(tokens_per_second, flops_per_token, peak, gpus=1):
-    """Model FLOPs utilization: the share of the GPUs' peak arithmetic the run's tokens needed."""
-    if not (peak and tokens_per_second):
+    """Model FLOPs utilization: the share of the GPUs' peak arithmetic the run's tokens needed;
+    None without a peak, a speed or the FLOPs of a token."""
+    if not (peak and tokens_per_second and flops_per_token):
         return None
     return round(tokens_per_second * flops_per_token / (peak * gpus), 4)
 
@@ -146,6 +152,8 @@ def measured_faster(config, load_in_4bit, packing, results=MEASURED):
     matmul_params within a factor COVERS, with the same LOAD_IN_4BIT and PACKING, both backends
     measured. (None, why) when no measurement covers it."""
     size = matmul_params(config)
+    if size is None:
+        return None, "config.json gives no sizes"
     try:
         with open(results) as f:
             measured = json.load(f)
