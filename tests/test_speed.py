@@ -1,5 +1,5 @@
 """What a run reports of its speed (training.speed): the model FLOPs of a token, the GPUs' peaks
-and the MFU; and the backend TRAIN_BACKEND=auto picks from the GPU benchmark's measurements."""
+(TRL's table) and the MFU; and the backend TRAIN_BACKEND=auto picks from the GPU benchmark's measurements."""
 
 import json
 from types import SimpleNamespace
@@ -7,8 +7,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, fixture_path
 
-from training.speed import (describe, matmul_params, measured_faster, mfu, model_flops_per_token, peak_flops,
-                            summary)
+from training.speed import describe, matmul_params, measured_faster, mfu, model_flops_per_token, summary
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128, "vocab_size": 512}  # demo/synthetic.py's model
@@ -53,19 +52,25 @@ def test_sizes_nested_in_a_text_config_or_missing_fail_no_run():
     backend = SimpleNamespace(device="cpu", attention="sdpa", dtype="float32")
     plan = SimpleNamespace(shards=[{"tokens": 30}], rows=3)
     entry = describe({"model_type": "custom"}, backend, 1, plan)
-    assert entry["model_flops_per_token"] is None
+    assert (entry["gpu"], entry["peak_flops"], entry["model_flops_per_token"]) == (None, None, None)
     assert mfu(1_000, None, 989e12) is None
     assert summary([{"tokens_per_second": 1_000.0}], {**entry, "peak_flops": 989e12})["mfu"] is None
 
 
-@pytest.mark.parametrize("gpu, peak", [
-    ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.4e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L4", 121e12),
-    ("NVIDIA L40S", 362.05e12), ("NVIDIA L40", None), ("NVIDIA A10G", 125e12), ("Tesla T4", 65e12),
-    ("Tesla V100-SXM2-16GB", 125e12), ("NVIDIA GeForce RTX 4090", None), (None, None),
+@pytest.mark.parametrize("gpu, dtype, peak", [  # the GPUs allatonce.yaml may get, in their precision
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H200", "bfloat16", 989e12), ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A100 80GB PCIe", "bfloat16", 312e12), ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA L40S", "bfloat16", 362e12), ("NVIDIA L40", "bfloat16", None), ("NVIDIA A10G", "bfloat16", 125e12),
+    ("Tesla T4", "float16", 65e12), ("Tesla V100-SXM2-16GB", "float16", None),  # not in TRL's table
+    ("NVIDIA GeForce RTX 4090", "bfloat16", None),
 ])
-def test_the_peak_of_each_gpu_and_the_mfu(gpu, peak):
-    assert peak_flops(gpu) == peak
+def test_the_peak_of_each_gpu_and_the_mfu(gpu, dtype, peak):
+    """describe() takes the peak from TRL's table (trl.trainer.utils.get_peak_flops), by the
+    GPU's name and the run's precision."""
+    from trl.trainer.utils import get_peak_flops
+
+    assert get_peak_flops(gpu, dtype) == peak
     assert mfu(1_000, 1e9, peak, gpus=2) == (round(1_000 * 1e9 / (2 * peak), 4) if peak else None)
 
 

@@ -1,13 +1,13 @@
-"""How fast a run trains: the model FLOPs of a token, the GPUs' peak arithmetic and the run's
-model FLOPs utilization (MFU), batch lengths rounded up so that a run meets few shapes, the real
-(non-padding) tokens of a batch, what each run reports of its speed, and the backend that trained
-faster in the GPU benchmark at a model's size (TRAIN_BACKEND=auto chooses by it).
+"""How fast a run trains: the model FLOPs of a token and the run's model FLOPs utilization (MFU)
+on the GPUs' peak arithmetic (TRL's table), batch lengths rounded up so that a run meets few
+shapes, the real (non-padding) tokens of a batch, what each run reports of its speed, and the
+backend that trained faster in the GPU benchmark at a model's size (TRAIN_BACKEND=auto chooses
+by it).
 """
 
 import json
 import math
 import os
-import re
 import statistics
 
 from training.fit import model_shape
@@ -16,18 +16,6 @@ SHAPES = 16  # a run's batches take at most this many lengths
 MEASURED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
                         "gpu_train.json")
 COVERS = 2.0  # a measurement speaks for models within this factor of its size
-# Dense (no sparsity) tensor-core peak in FLOP/s, bf16 (fp16 on T4 and V100, which have no bf16),
-# from the vendors' datasheets; the A10G is taken as the A10 (AWS publishes no figure of its own).
-# A GPU's name (torch.cuda.get_device_name) matches the first entry it contains as a word.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200 NVL": 835e12,
-              "H200": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12, "A10G": 125e12,
-              "T4": 65e12, "V100": 125e12}
-
-
-def peak_flops(gpu_name):
-    """The GPU's dense bf16 (fp16) peak FLOP/s, None for a GPU not in PEAK_FLOPS or no GPU."""
-    return next((peak for name, peak in PEAK_FLOPS.items()
-                 if gpu_name and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", gpu_name)), None)
 
 
 def read_config(model_dir):
@@ -107,13 +95,16 @@ def real_tokens(batch):
 
 def describe(config, backend, gpus, plan):
     """How a run's processes train, written into its trainer log (recorder) for metrics.json:
-    the attention, the GPU and its peak, and the model FLOPs of a token for rows of the data's
-    mean length (exact for rows of one length)."""
+    the attention, the GPU and its dense peak FLOP/s in the run's precision (TRL's table,
+    trl.trainer.utils.get_peak_flops: None for a GPU it does not list, a V100 among them), and
+    the model FLOPs of a token for rows of the data's mean length (exact for rows of one length)."""
     import torch
+    from trl.trainer.utils import get_peak_flops
 
     gpu = torch.cuda.get_device_name() if backend.device == "cuda" else None
     mean_row_length = sum(shard["tokens"] for shard in plan.shards) / max(plan.rows, 1)
-    return {"attention": backend.attention, "gpu": gpu, "gpus": gpus, "peak_flops": peak_flops(gpu),
+    return {"attention": backend.attention, "gpu": gpu, "gpus": gpus,
+            "peak_flops": get_peak_flops(gpu, backend.dtype) if gpu else None,
             "model_flops_per_token": model_flops_per_token(config, (mean_row_length + 1) / 2)}
 
 
