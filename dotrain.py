@@ -306,10 +306,11 @@ def check_gpu_memory(settings, bucket):
         return
     gpu, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     config = model_config(bucket, settings.model_name)
-    faster = measured_faster(config, settings.load_in_4bit, settings.packing)[0] \
+    capability = torch.cuda.get_device_capability(gpu)
+    faster = measured_faster(config, settings.load_in_4bit, settings.packing, capability)[0] \
         if world == 1 and settings.train_backend == "auto" else None
     name, _, optim = decide(
-        settings.train_backend, torch.cuda.get_device_capability(gpu),
+        settings.train_backend, capability,
         importlib.util.find_spec("unsloth") is not None,
         importlib.util.find_spec("bitsandbytes") is not None, world, settings.load_in_4bit, faster)
     properties = torch.cuda.get_device_properties(gpu)
@@ -331,7 +332,8 @@ def choose_backend(settings, ranks, plan, model_dir):
         raise UserError("TRAIN_DEVICE=cuda and this machine has no GPU: use TRAIN_DEVICE=auto here")
     faster = why = None
     if cuda and ranks.world == 1 and settings.train_backend == "auto":
-        faster, why = measured_faster(read_config(model_dir), settings.load_in_4bit, settings.packing)
+        faster, why = measured_faster(read_config(model_dir), settings.load_in_4bit, settings.packing,
+                                      torch.cuda.get_device_capability())
         log(f"TRAIN_BACKEND=auto: {why}" + ("" if faster else ": unsloth when it is installed"))
     name, dtype, optim = decide(
         settings.train_backend, torch.cuda.get_device_capability() if cuda else None,

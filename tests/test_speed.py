@@ -13,6 +13,7 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "nu
         "intermediate_size": 128, "vocab_size": 512}  # demo/synthetic.py's model
 QWEN_7B = {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
            "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064}
+H100, A10G, T4, V100 = (9, 0), (8, 6), (7, 5), (7, 0)  # compute capabilities
 QWEN_1_5B = {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12,
              "num_key_value_heads": 2, "intermediate_size": 8960, "vocab_size": 151936}
 
@@ -47,7 +48,7 @@ def test_sizes_nested_in_a_text_config_or_missing_fail_no_run():
     assert model_flops_per_token(gemma_like, 10) == model_flops_per_token(TINY, 10) == 425_984 + 15_360
     for config in ({"model_type": "custom"}, None):
         assert matmul_params(config) is None and model_flops_per_token(config, 10) is None
-        assert measured_faster(config, False, True) == (None, "config.json gives no sizes")
+        assert measured_faster(config, False, True, H100) == (None, "config.json gives no sizes")
     # what every run reports of its speed, here on the CPU
     backend = SimpleNamespace(device="cpu", attention="sdpa", dtype="float32")
     plan = SimpleNamespace(shards=[{"tokens": 30}], rows=3)
@@ -88,17 +89,24 @@ def test_auto_picks_the_backend_measured_faster_at_the_models_size(tmp_path):
         ("7b_unsloth", "unsloth", large, False, {"tokens_per_second": 6_000}),
         ("7b_unsloth_4bit", "unsloth", large, True, {"tokens_per_second": 4_000}),
         ("7b_peft_4bit", "peft", large, True, {"error": "over 120 s"})]}}))
-    faster, why = measured_faster(qwen, False, True, results)
+    faster, why = measured_faster(qwen, False, True, H100, results)
     assert faster == "peft"
     assert why.startswith("peft trained 40,000 tokens/s and unsloth 30,000 at 0.49B matmul parameters "
                           "on an NVIDIA H100 80GB HBM3 (2026-12-01, ")
-    assert measured_faster(QWEN_7B, False, True, results)[0] == "unsloth"
-    assert measured_faster(QWEN_7B, True, True, results)[0] is None  # peft's 4-bit run failed
-    assert measured_faster(qwen, False, False, results)[0] is None  # only packed runs measured
-    faster, why = measured_faster(QWEN_1_5B, False, True, results)
+    assert measured_faster(QWEN_7B, False, True, H100, results)[0] == "unsloth"
+    assert measured_faster(QWEN_7B, True, True, H100, results)[0] is None  # peft's 4-bit run failed
+    assert measured_faster(qwen, False, False, H100, results)[0] is None  # only packed runs measured
+    faster, why = measured_faster(QWEN_1_5B, False, True, H100, results)
     assert faster is None and why.startswith("no measurement of both backends within 2x of this "
                                              "model's 1.54B matmul parameters")
-    assert measured_faster(qwen, False, True, tmp_path / "absent.json")[0] is None
+    assert measured_faster(qwen, False, True, H100, tmp_path / "absent.json")[0] is None
+    # bf16 GPUs other than the benchmark's take its paths; older ones train in fp16 with other
+    # attention kernels, which it did not measure
+    assert measured_faster(qwen, False, True, A10G, results)[0] == "peft"
+    for older in (T4, V100):
+        faster, why = measured_faster(qwen, False, True, older, results)
+        assert faster is None and why.startswith(f"the GPU benchmark measured a GPU of compute capability "
+                                                 f"8.0 or more and this one is {older[0]}.{older[1]}")
 
 
 def test_the_shipped_measurements_decide_the_default_model():
@@ -109,4 +117,4 @@ def test_the_shipped_measurements_decide_the_default_model():
               if run.get("params") == matmul_params(qwen) and run.get("packing")
               and not run.get("load_in_4bit") and run.get("tokens_per_second")}
     assert set(speeds) == {"peft", "unsloth"}
-    assert measured_faster(qwen, False, True)[0] == max(speeds, key=speeds.get)
+    assert measured_faster(qwen, False, True, H100)[0] == max(speeds, key=speeds.get)

@@ -137,11 +137,17 @@ def summary(steps, entry):
             **{key: entry.get(key) for key in ("attention", "gpu", "gpus", "peak_flops")}}
 
 
-def measured_faster(config, load_in_4bit, packing, results=MEASURED):
+def measured_faster(config, load_in_4bit, packing, capability, results=MEASURED):
     """(the backend that trained more tokens a second on one GPU at this model's size, why), from
     the GPU benchmark's results (bench/gpu_train.py): the measured size nearest to this model's
     matmul_params within a factor COVERS, with the same LOAD_IN_4BIT and PACKING, both backends
-    measured. (None, why) when no measurement covers it."""
+    measured. (None, why) when no measurement covers it, and on a GPU of compute capability
+    (major, minor) below 8.0, where both backends take other paths than on the benchmark's GPU
+    (float16 with loss scaling; SDPA with a dense mask, or xformers, for attention)."""
+    if capability < (8, 0):
+        return None, (f"the GPU benchmark measured a GPU of compute capability 8.0 or more and this one "
+                      f"is {capability[0]}.{capability[1]}, where training runs in float16 with other "
+                      "attention kernels: its figures do not decide here")
     size = matmul_params(config)
     if size is None:
         return None, "config.json gives no sizes"
