@@ -48,7 +48,7 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from training.speed import matmul_params, mfu, model_flops_per_token  # noqa: E402
+from training.speed import attended, matmul_params, mfu, model_flops_per_token  # noqa: E402
 
 FIXTURES_DIR = Path(os.environ.get("FIXTURES_DIR", ROOT.parent / "shared" / "fixtures"))
 SHAPE = FIXTURES_DIR / "tokenizers" / "qwen2.5-0.5b"  # the 0.5B config and the Qwen2.5 tokenizer
@@ -236,11 +236,6 @@ def make_rows(path, count, smoke):
             "max_length": int(lengths.max()), "attended": round(attended(lengths), 1),
             "length_distribution": f"lognormal(log {600 * longest // 4096}, 0.8), cut to "
                                    f"{32 * longest // 4096}..{longest}"}
-
-
-def attended(lengths):
-    """The mean number of positions a token attends to: its own row's, up to itself."""
-    return sum(length * (length + 1) / 2 for length in lengths) / sum(lengths)
 
 
 def run_one(name, work, limit, smoke):

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, fixture_path
 
-from training.speed import describe, matmul_params, measured_faster, mfu, model_flops_per_token, summary
+from training.speed import (attended, describe, matmul_params, measured_faster, mfu, model_flops_per_token,
+                            summary)
 
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 128, "vocab_size": 512}  # demo/synthetic.py's model
@@ -51,11 +52,45 @@ def test_sizes_nested_in_a_text_config_or_missing_fail_no_run():
         assert measured_faster(config, False, True, H100) == (None, "config.json gives no sizes")
     # what every run reports of its speed, here on the CPU
     backend = SimpleNamespace(device="cpu", attention="sdpa", dtype="float32")
-    plan = SimpleNamespace(shards=[{"tokens": 30}], rows=3)
+    plan = SimpleNamespace(shards=[{"tokens": 30, "attended": 165}], rows=3)
     entry = describe({"model_type": "custom"}, backend, 1, plan)
     assert (entry["gpu"], entry["peak_flops"], entry["model_flops_per_token"]) == (None, None, None)
     assert mfu(1_000, None, 989e12) is None
     assert summary([{"tokens_per_second": 1_000.0}], {**entry, "peak_flops": 989e12})["mfu"] is None
+
+
+def test_a_token_attends_to_its_own_rows_positions_counted_when_planning(tmp_path):
+    """The FLOPs of a token, in every run's report, for the mean context of the data's rows:
+    a row of l tokens attends to l(l + 1) / 2 positions, counted by make_plan from the rows'
+    lengths, shard by shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from common import Bucket
+    from training.shards import make_plan
+
+    bucket = Bucket(SimpleNamespace(bucket_name=f"file://{tmp_path / 'bucket'}"))
+    shards = {"shard-00000": [[1, 2], [3]], "shard-00001": [[4]]}  # the rows' lengths of each part
+    data = {"shards": []}
+    for shard, parts in shards.items():
+        (tmp_path / "bucket" / "ready" / shard).mkdir(parents=True)
+        data["shards"].append({"path": shard, "rows": sum(map(len, parts)), "parts": []})
+        for k, lengths in enumerate(parts):
+            part = {"path": f"{shard}/part-{k:05d}.parquet", "rows": len(lengths)}
+            pq.write_table(pa.table({"length": pa.array(lengths, pa.int32())}),
+                           tmp_path / "bucket" / "ready" / part["path"])
+            data["shards"][-1]["parts"].append(part)
+    settings = SimpleNamespace(packing=False, max_seq_length=8, batch_size=1, grad_accum=1, num_epochs=1,
+                               max_steps=0)
+    plan = make_plan(settings, bucket, "ready", data, {}, 1)
+    assert [(shard["tokens"], shard["attended"]) for shard in plan.shards] == [(6, 1 + 3 + 6), (4, 10)]
+    assert attended([1, 2, 3, 4]) == 20 / 10  # not (mean length + 1) / 2 = 1.75
+    cpu = SimpleNamespace(device="cpu", attention="sdpa", dtype="float32")
+    assert describe(TINY, cpu, 1, plan)["model_flops_per_token"] == model_flops_per_token(TINY, 2.0)
+    # a plan made before it counted them (a resumed run): no FLOPs, and the run goes on
+    for shard in plan.shards:
+        del shard["attended"]
+    assert describe(TINY, cpu, 1, plan)["model_flops_per_token"] is None
 
 
 @pytest.mark.parametrize("gpu, dtype, peak", [  # the GPUs allatonce.yaml may get, in their precision

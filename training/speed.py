@@ -47,17 +47,31 @@ def model_flops_per_token(config, context):
     Attention multiplies the query by each attended key and the scores by each attended value:
     2 products of head_dim per head and position, 4 x heads x head_dim x context FLOPs a layer
     forward; its backward computes the gradients of queries, keys and values (all needed: LoRA
-    adapts q, k and v, and the layers below), twice the forward: 12 x in all. A row of s tokens
-    attends to (s + 1) / 2 positions a token, on average.
+    adapts q, k and v, and the layers below), twice the forward: 12 x in all. `context`: the
+    mean number of positions a token attends to (attended: (s + 1) / 2 for rows of s tokens).
 
     Left out: the forward that gradient checkpointing recomputes (hardware, not model, FLOPs),
     the LoRA matrices (6r(m + n) a token for each adapted m x n weight: about 4% more at r 16 on
     Qwen2.5), norms, activations, softmax and the optimizer. None when the config does not give
-    the sizes."""
+    the sizes, or `context` is None."""
     shape = model_shape(config or {})
-    if shape is None:
+    if shape is None or context is None:
         return None
     return 4 * matmul_params(config) + 12 * shape.layers * shape.heads * shape.head * context
+
+
+def attended_positions(lengths):
+    """The positions the tokens of rows of these lengths attend to, all together: a token attends
+    to its own row's, up to itself, so a row of l tokens to l(l + 1) / 2."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return int((lengths * (lengths + 1)).sum() // 2)
+
+
+def attended(lengths):
+    """The mean number of positions a token of rows of these lengths attends to."""
+    return attended_positions(lengths) / sum(lengths)
 
 
 def mfu(tokens_per_second, flops_per_token, peak, gpus=1):
@@ -97,15 +111,18 @@ def describe(config, backend, gpus, plan):
     """How a run's processes train, written into its trainer log (recorder) for metrics.json:
     the attention, the GPU and its dense peak FLOP/s in the run's precision (TRL's table,
     trl.trainer.utils.get_peak_flops: None for a GPU it does not list, a V100 among them), and
-    the model FLOPs of a token for rows of the data's mean length (exact for rows of one length)."""
+    the model FLOPs of a token attending to the mean of the plan's rows (attended: the positions
+    make_plan counted in each shard; a plan made before it counted them gives no FLOPs)."""
     import torch
     from trl.trainer.utils import get_peak_flops
 
     gpu = torch.cuda.get_device_name() if backend.device == "cuda" else None
-    mean_row_length = sum(shard["tokens"] for shard in plan.shards) / max(plan.rows, 1)
+    positions = [shard.get("attended") for shard in plan.shards]
+    tokens = sum(shard["tokens"] for shard in plan.shards)
+    context = sum(positions) / tokens if tokens and None not in positions else None
     return {"attention": backend.attention, "gpu": gpu, "gpus": gpus,
             "peak_flops": get_peak_flops(gpu, backend.dtype) if gpu else None,
-            "model_flops_per_token": model_flops_per_token(config, (mean_row_length + 1) / 2)}
+            "model_flops_per_token": model_flops_per_token(config, context)}
 
 
 def recorder(entry):
