@@ -254,6 +254,7 @@ def run_one(name, work, limit, smoke):
 def measure(name, work, smoke):
     """One configuration, in this process (see the module's docstring)."""
     import dotrain
+    from training.attention import avoid_cudnn_attention
     from training.processes import Ranks
     from training.shards import Plan, prepare
 
@@ -269,6 +270,7 @@ def measure(name, work, smoke):
         report_to="none")
     ranks = Ranks()
     model_dir = work / shape
+    avoid_cudnn_attention()  # as dotrain.py's processes do
     backend = dotrain.choose_backend(settings, ranks, Plan({}), str(model_dir))  # unsloth first
     import datasets
     import torch

@@ -1,5 +1,5 @@
 """What a run reports of its speed (training.speed): the model FLOPs of a token, the GPUs' peaks
-(TRL's table) and the MFU; and the backend TRAIN_BACKEND=auto picks from the GPU benchmark's measurements."""
+(TRL's table), the MFU and the attention (training.attention); and the backend TRAIN_BACKEND=auto picks from the GPU benchmark's measurements."""
 
 import json
 from types import SimpleNamespace
@@ -153,3 +153,20 @@ def test_the_shipped_measurements_decide_the_default_model():
               and not run.get("load_in_4bit") and run.get("tokens_per_second")}
     assert set(speeds) == {"peft", "unsloth"}
     assert measured_faster(qwen, False, True, H100)[0] == max(speeds, key=speeds.get)
+
+
+def test_choosing_the_attention_changes_no_setting_of_the_process():
+    """choose() names the attention by the GPU's compute capability; cuDNN's SDPA is turned off
+    apart, for the whole process, by avoid_cudnn_attention (on CUDA only)."""
+    import torch
+
+    from training.attention import avoid_cudnn_attention, choose
+
+    assert [choose("peft", capability) for capability in (H100, A10G, T4, V100, None)] == \
+        ["flex_attention", "flex_attention", "sdpa", "sdpa", "sdpa"]
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        avoid_cudnn_attention()
+        assert torch.backends.cuda.cudnn_sdp_enabled() is not torch.cuda.is_available()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

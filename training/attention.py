@@ -19,23 +19,30 @@ rows are kept apart:
   (xformers comes with unsloth) when it imports, else one SDPA call per run of rows of one
   length. It builds a dense mask for these batches only with UNSLOTH_SDPA_PACKED_SEGMENTS=0.
 
-On CUDA, cuDNN's SDPA is turned off: on Hopper (H100, H200) with torch 2.11+ and cuDNN 9.15+
-SDPA prefers it, and it builds an execution plan for each new shape (hundreds of ms, per thread,
-never evicted), which batches of changing lengths, and unsloth's per-row calls, pay again and
+A process that runs attention on CUDA turns cuDNN's SDPA off first (avoid_cudnn_attention): on
+Hopper (H100, H200) with torch 2.11+ and cuDNN 9.15+ SDPA prefers it, and it builds an execution
+plan for each new shape (hundreds of ms, per thread, never evicted), which batches of changing
+lengths, unsloth's per-row calls, and the export's evaluation and logits check pay again and
 again. SDPA then runs flash attention, or the memory-efficient kernel where there is a mask.
 """
 
 
-def choose(backend_name, cuda):
-    """The attention this run trains with, as metrics.json records it: for peft, the
-    attn_implementation load_for_training gives transformers; for unsloth, what unsloth runs."""
-    import torch
-
-    if cuda:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+def choose(backend_name, capability):
+    """The attention this run trains with on a GPU of this compute capability ((major, minor),
+    None without CUDA), as metrics.json records it: for peft, the attn_implementation
+    load_for_training gives transformers; for unsloth, what unsloth runs."""
     if backend_name == "unsloth":
         return unsloth_attention()
-    return "flex_attention" if cuda and torch.cuda.get_device_capability() >= (8, 0) else "sdpa"
+    return "flex_attention" if capability and capability >= (8, 0) else "sdpa"
+
+
+def avoid_cudnn_attention():
+    """Turn cuDNN's SDPA off for this whole process, on CUDA (the module's docstring says why):
+    once, before anything runs attention."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def unsloth_attention():
