@@ -369,7 +369,7 @@ def choose_backend(settings, ranks, plan, model_dir):
     backend = Backend(name, "cuda" if cuda else "cpu", dtype, optim, settings.load_in_4bit,
                       gradient_checkpointing={"1": True, "0": False}.get(settings.gradient_checkpointing))
     backend.trainer_class = shard_trainer_class(backend, ranks)
-    backend.attention = choose_attention(name, capability)
+    backend.attention = choose_attention(name, capability, settings.packing)
     gpu = f" ({torch.cuda.get_device_name()})" if cuda else ""
     log(f"backend: {name} on {backend.device}{gpu}, {dtype}"
         f"{', 4-bit base' if settings.load_in_4bit else ''}, {optim}, attention: {backend.attention}"

@@ -300,7 +300,7 @@ def test_the_plan_records_its_precision_and_a_cpu_resume_of_a_gpu_run_says_so(ca
     from training.shards import Plan
 
     settings = SimpleNamespace(train_device="auto", train_backend="auto", load_in_4bit=False,
-                               gradient_checkpointing="auto")
+                               gradient_checkpointing="auto", packing=True)
     plan = Plan.from_manifest(Plan({}, optim="adamw_torch", dtype="bfloat16", world_size=1).manifest())
     assert plan.dtype == "bfloat16"
     backend = dotrain.choose_backend(settings, Ranks(), plan, None)  # (no GPU: the model's size is not read)

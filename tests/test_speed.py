@@ -1,7 +1,9 @@
 """What a run reports of its speed (training.speed): the model FLOPs of a token, the GPUs' peaks
-(TRL's table), the MFU and the attention (training.attention); and the backend TRAIN_BACKEND=auto picks from the GPU benchmark's measurements."""
+(TRL's table), the MFU and the attention (training.attention); and the backend TRAIN_BACKEND=auto
+picks from the GPU benchmark's measurements."""
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -162,7 +164,7 @@ def test_choosing_the_attention_changes_no_setting_of_the_process():
 
     from training.attention import avoid_cudnn_attention, choose
 
-    assert [choose("peft", capability) for capability in (H100, A10G, T4, V100, None)] == \
+    assert [choose("peft", capability, True) for capability in (H100, A10G, T4, V100, None)] == \
         ["flex_attention", "flex_attention", "sdpa", "sdpa", "sdpa"]
     assert torch.backends.cuda.cudnn_sdp_enabled()
     try:
@@ -170,3 +172,39 @@ def test_choosing_the_attention_changes_no_setting_of_the_process():
         assert torch.backends.cuda.cudnn_sdp_enabled() is not torch.cuda.is_available()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+@pytest.mark.parametrize("chosen, segments, varlen, capability, packing, label", [
+    ("flash_varlen", True, True, H100, True, "unsloth flash_varlen"),  # flash-attn installed
+    ("xformers", True, False, T4, True, "unsloth xformers"),
+    ("sdpa", True, True, H100, True, "unsloth torch varlen flash"),
+    ("sdpa", True, False, H100, True, "unsloth sdpa row by row"),  # UNSLOTH_TORCH_VARLEN=0, say
+    ("sdpa", True, True, T4, True, "unsloth sdpa row by row"),
+    ("sdpa", False, True, H100, True, "unsloth sdpa with a dense mask"),  # UNSLOTH_SDPA_PACKED_SEGMENTS=0
+    ("xformers", True, True, H100, False, "unsloth xformers, padded batches"),  # PACKING=0
+])
+def test_the_attention_unsloth_runs_is_the_one_it_decides(monkeypatch, chosen, segments, varlen, capability,
+                                                          packing, label):
+    """unsloth (a CUDA-only package) is not installed here: a stand-in for its module
+    unsloth.utils.attention_dispatch (2026.10.9) holds its decisions, as its names say them."""
+    import types
+
+    from training.attention import choose
+
+    asked = []
+
+    def select_attention_backend(use_varlen=False, dropout_p=0.0):
+        asked.append(use_varlen)
+        return chosen
+
+    dispatch = types.ModuleType("unsloth.utils.attention_dispatch")
+    dispatch.SDPA, dispatch.select_attention_backend = "sdpa", select_attention_backend
+    dispatch._SDPA_PACKED_SEGMENTS = segments
+    dispatch._TORCH_VARLEN_ATTN = (lambda *args, **kwargs: None) if varlen else None
+    utils = types.ModuleType("unsloth.utils")
+    utils.attention_dispatch = dispatch
+    for name, module in [("unsloth", types.ModuleType("unsloth")), ("unsloth.utils", utils),
+                         ("unsloth.utils.attention_dispatch", dispatch)]:
+        monkeypatch.setitem(sys.modules, name, module)
+    assert choose("unsloth", capability, packing) == label
+    assert asked == [packing]  # the packed (varlen) route only for packed batches
