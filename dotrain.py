@@ -296,6 +296,21 @@ def decide(train_backend, capability, has_unsloth, has_bitsandbytes, world, load
     return name, dtype, "adamw_8bit" if cuda and has_bitsandbytes else "adamw_torch"
 
 
+def backend_choice(settings, capability, world, config):
+    """decide() on this machine: the packages installed, and with TRAIN_BACKEND=auto on one GPU
+    the backend the GPU benchmark measured faster at the size of the model (its config.json).
+    (backend, dtype, optimizer, why): why says what the measurements decided, None where they
+    were not consulted."""
+    faster = why = None
+    if capability is not None and world == 1 and settings.train_backend == "auto":
+        faster, why = measured_faster(config, settings.load_in_4bit, settings.packing, capability)
+        why += "" if faster else ": unsloth when it is installed"
+    name, dtype, optim = decide(
+        settings.train_backend, capability, importlib.util.find_spec("unsloth") is not None,
+        importlib.util.find_spec("bitsandbytes") is not None, world, settings.load_in_4bit, faster)
+    return name, dtype, optim, why
+
+
 def check_gpu_memory(settings, bucket):
     """Refuse, before the model is downloaded, a run estimated not to fit this process's GPU
     (training/fit.py: from the model's config.json alone); without a GPU, nothing to check."""
@@ -305,12 +320,7 @@ def check_gpu_memory(settings, bucket):
         return
     gpu, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     config = model_config(bucket, settings.model_name)
-    faster = measured_faster(config, settings.load_in_4bit, settings.packing)[0] \
-        if world == 1 and settings.train_backend == "auto" else None
-    name, _, optim = decide(
-        settings.train_backend, torch.cuda.get_device_capability(gpu),
-        importlib.util.find_spec("unsloth") is not None,
-        importlib.util.find_spec("bitsandbytes") is not None, world, settings.load_in_4bit, faster)
+    name, _, optim, _ = backend_choice(settings, torch.cuda.get_device_capability(gpu), world, config)
     properties = torch.cuda.get_device_properties(gpu)
     # On CUDA the loss never holds the full logits (unsloth's fused loss, TRL's fused LM head).
     check_fits(config, settings, name, optim, properties.name, properties.total_memory, fused_loss=True)
@@ -328,14 +338,11 @@ def choose_backend(settings, ranks, plan, model_dir):
         unusable_gpu(torch)
     if not cuda and settings.train_device == "cuda":
         raise UserError("TRAIN_DEVICE=cuda and this machine has no GPU: use TRAIN_DEVICE=auto here")
-    faster = why = None
-    if cuda and ranks.world == 1 and settings.train_backend == "auto":
-        faster, why = measured_faster(read_config(model_dir), settings.load_in_4bit, settings.packing)
-        log(f"TRAIN_BACKEND=auto: {why}" + ("" if faster else ": unsloth when it is installed"))
-    name, dtype, optim = decide(
-        settings.train_backend, torch.cuda.get_device_capability() if cuda else None,
-        importlib.util.find_spec("unsloth") is not None,
-        importlib.util.find_spec("bitsandbytes") is not None, ranks.world, settings.load_in_4bit, faster)
+    capability = torch.cuda.get_device_capability() if cuda else None
+    name, dtype, optim, why = backend_choice(settings, capability, ranks.world,
+                                             read_config(model_dir) if cuda else None)
+    if why:
+        log(f"TRAIN_BACKEND=auto: {why}")
     if plan.optim not in (None, optim):
         raise UserError(f"the checkpoints of this run hold {plan.optim} optimizer state and this "
                         f"machine trains with {optim}: resume on the same kind of machine, or "
@@ -349,9 +356,10 @@ def choose_backend(settings, ranks, plan, model_dir):
                         "nodes and GPUs, or rerun with REBUILD=dotrain to start over")
     if name == "unsloth":
         import unsloth  # noqa: F401
-    elif cuda and settings.train_backend == "auto" and faster != "peft":
-        log("unsloth is not installed: training with transformers + peft" if ranks.world == 1 else
-            f"{ranks.world} processes: training with transformers + peft under DDP")
+    elif cuda and settings.train_backend == "auto" and ranks.world > 1:
+        log(f"{ranks.world} processes: training with transformers + peft under DDP")
+    elif cuda and settings.train_backend == "auto" and importlib.util.find_spec("unsloth") is None:
+        log("unsloth is not installed: training with transformers + peft")
     # Packed, padding-free batches are exact with SDPA and FlexAttention too, as long as no KV
     # cache is built (compute_loss passes use_cache=False; the tests check it): TRL's warning
     # does not apply.
@@ -360,7 +368,7 @@ def choose_backend(settings, ranks, plan, model_dir):
     backend = Backend(name, "cuda" if cuda else "cpu", dtype, optim, settings.load_in_4bit,
                       gradient_checkpointing={"1": True, "0": False}.get(settings.gradient_checkpointing))
     backend.trainer_class = shard_trainer_class(backend, ranks)
-    backend.attention = choose_attention(name, cuda)
+    backend.attention = choose_attention(name, capability, settings.packing)
     gpu = f" ({torch.cuda.get_device_name()})" if cuda else ""
     log(f"backend: {name} on {backend.device}{gpu}, {dtype}"
         f"{', 4-bit base' if settings.load_in_4bit else ''}, {optim}, attention: {backend.attention}"

@@ -19,9 +19,10 @@ figures do not depend on it). Its steps: 3 warm-up, 10 measured, 1 profiled (tor
 the GPU's busy share, the costliest kernels and host operators), then 2 warm-up and 5 measured
 steps of sequences packed to a quarter of the length. Figures are medians over the measured
 steps: tokens/s counts real (non-padding) tokens; MFU is tokens/s x the model FLOPs of a token
-(training.speed.model_flops_per_token) / the GPU's dense bf16 peak; the fixed part of a step is
-the time at zero tokens on the line through the two step sizes' medians; distinct shapes are
-the batch shapes the trainer met; the FineTome-100k epoch is 84.8M tokens at that rate. Before
+(training.speed.model_flops_per_token) / the GPU's dense peak in the run's precision (TRL's
+table, trl.trainer.utils.get_peak_flops); the fixed part of a step is the time at zero tokens
+on the line through the two step sizes' medians; distinct shapes are the batch shapes the
+trainer met; the FineTome-100k epoch is 84.8M tokens at that rate. Before
 training on the 0.5B shape, two checks on the first batch: its packed loss against its rows'
 run one by one (no row sees another), and for peft TRL's fused loss against transformers' loss
 over the full logits.
@@ -47,7 +48,7 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from training.speed import PEAK_FLOPS, matmul_params, mfu, model_flops_per_token, peak_flops  # noqa: E402
+from training.speed import attended, matmul_params, mfu, model_flops_per_token  # noqa: E402
 
 FIXTURES_DIR = Path(os.environ.get("FIXTURES_DIR", ROOT.parent / "shared" / "fixtures"))
 SHAPE = FIXTURES_DIR / "tokenizers" / "qwen2.5-0.5b"  # the 0.5B config and the Qwen2.5 tokenizer
@@ -75,7 +76,6 @@ SMOKE_TIME_LIMIT = 300
 STEPS = {"warmup": 3, "measured": 10, "profiled": 1, "short_warmup": 2, "short": 5}
 SMOKE_STEPS = {"warmup": 1, "measured": 2, "profiled": 1, "short_warmup": 1, "short": 1}
 MAX_SEQ_LENGTH, SMOKE_MAX_SEQ_LENGTH = 4096, 256
-DENSE_BF16_PEAK = PEAK_FLOPS
 FINETOME_TOKENS = 84_800_000
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "unsloth", "unsloth_zoo",
             "bitsandbytes", "triton", "xformers", "datasets")
@@ -140,8 +140,9 @@ def main():
                     "platform": platform.platform(), "python": platform.python_version()},
         "versions": {name: _version(name) for name in PACKAGES},
         "shapes": shapes,
-        "flops": {"mfu": "tokens/s x model_flops_per_token / dense bf16 peak of the GPU "
-                         "(training.speed: 4 x matmul parameters + attention to the rows' own "
+        "flops": {"mfu": "tokens/s x model_flops_per_token / dense peak of the GPU in the run's "
+                         "precision (trl.trainer.utils.get_peak_flops; model_flops_per_token from "
+                         "training.speed: 4 x matmul parameters + attention to the rows' own "
                          "positions; gradient checkpointing's recomputation and the LoRA matrices "
                          "left out)",
                   "finetome_epoch": f"{FINETOME_TOKENS:,} tokens (100,000 rows of ~848 tokens, the "
@@ -237,11 +238,6 @@ def make_rows(path, count, smoke):
                                    f"{32 * longest // 4096}..{longest}"}
 
 
-def attended(lengths):
-    """The mean number of positions a token attends to: its own row's, up to itself."""
-    return sum(length * (length + 1) / 2 for length in lengths) / sum(lengths)
-
-
 def run_one(name, work, limit, smoke):
     command = [sys.executable, __file__, *(["--smoke"] if smoke else []), "--one", name, str(work)]
     try:
@@ -258,6 +254,7 @@ def run_one(name, work, limit, smoke):
 def measure(name, work, smoke):
     """One configuration, in this process (see the module's docstring)."""
     import dotrain
+    from training.attention import avoid_cudnn_attention
     from training.processes import Ranks
     from training.shards import Plan, prepare
 
@@ -273,10 +270,12 @@ def measure(name, work, smoke):
         report_to="none")
     ranks = Ranks()
     model_dir = work / shape
+    avoid_cudnn_attention()  # as dotrain.py's processes do
     backend = dotrain.choose_backend(settings, ranks, Plan({}), str(model_dir))  # unsloth first
     import datasets
     import torch
     from transformers import TrainerCallback
+    from trl.trainer.utils import get_peak_flops
 
     cuda = torch.cuda.is_available()
     began = time.perf_counter()
@@ -325,7 +324,7 @@ def measure(name, work, smoke):
     step_seconds, step_tokens = (statistics.median(x[phase["measured"]]) for x in (seconds, tokens))
     short_seconds, short_tokens = (statistics.median(x[phase["short"]]) for x in (seconds, tokens))
     flops = model_flops_per_token(model.config.to_dict(), attended([len(ids) for ids in rows["input_ids"]]))
-    peak = peak_flops(torch.cuda.get_device_name()) if cuda else None
+    peak = get_peak_flops(torch.cuda.get_device_name(), backend.dtype) if cuda else None
     return {"shape": shape, "params": matmul_params(model.config.to_dict()), "backend": backend.name,
             "load_in_4bit": four_bit, "packing": True, "attention": backend.attention, "optim": backend.optim,
             "precision": backend.dtype, "batch_size": settings.batch_size, "grad_accum": settings.grad_accum,

@@ -2,10 +2,13 @@
 precision and the optimizer for each GPU; never a silent CPU run beside a GPU torch cannot use;
 the learning-rate schedule kept on the step count when fp16's loss scaler skips a step."""
 
+import importlib.util
+import json
 import sys
+from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, run_step
+from conftest import ROOT, fixture_path, run_step
 
 import common
 import dotrain
@@ -27,7 +30,8 @@ DECISIONS = [  # (TRAIN_BACKEND, capability, unsloth, bitsandbytes, processes, m
     ("peft", H100, True, True, 1, None, ("peft", "bfloat16", "adamw_8bit")),
     ("unsloth", H100, True, False, 1, None, ("unsloth", "bfloat16", "adamw_torch")),
     ("auto", H100, False, False, 8, None, ("peft", "bfloat16", "adamw_torch")),
-    # the GPU benchmark measured the two backends at the model's size (training.speed.measured_faster)
+    # the GPU benchmark measured the two backends at the model's size (training.speed.measured_faster,
+    # consulted on GPUs of compute capability 8.0+ only: MEASURED_DECISIONS)
     ("auto", H100, True, True, 1, "peft", ("peft", "bfloat16", "adamw_8bit")),
     ("auto", L4, True, True, 1, "unsloth", ("unsloth", "bfloat16", "adamw_8bit")),
     ("auto", L4, False, True, 1, "unsloth", ("peft", "bfloat16", "adamw_8bit")),  # not installed
@@ -41,6 +45,39 @@ def test_backend_precision_and_optimizer_by_the_gpus_capabilities(train_backend,
     assert dotrain.decide(train_backend, capability, has_unsloth, has_bnb, world, False, faster) == decided
     if capability is not None and has_bnb:  # 4-bit: the same decision on a 4-bit base
         assert dotrain.decide(train_backend, capability, has_unsloth, has_bnb, world, True, faster) == decided
+
+
+MEASURED_DECISIONS = [  # (TRAIN_BACKEND, capability, processes, model) -> the backend measured
+    #                       faster that decides, what the log says of the measurements
+    ("auto", H100, 1, "qwen2.5-0.5b", "peft", "peft trained "),  # bench/results/gpu_train.json
+    ("auto", A10G, 1, "qwen2.5-0.5b", "peft", "peft trained "),
+    # fp16 and other attention kernels than the measured GPU's: unsloth when it is installed
+    ("auto", T4, 1, "qwen2.5-0.5b", None, "the GPU benchmark measured a GPU of compute capability 8.0 or "
+     "more and this one is 7.5, where training runs in float16 with other attention kernels: its figures "
+     "do not decide here: unsloth when it is installed"),
+    ("auto", V100, 1, "qwen2.5-0.5b", None, "the GPU benchmark measured a GPU of compute capability 8.0 "
+     "or more and this one is 7.0"),
+    ("auto", H100, 1, "no sizes", None, "config.json gives no sizes: unsloth when it is installed"),
+    ("auto", H100, 4, "qwen2.5-0.5b", None, None),  # DDP: peft
+    ("peft", H100, 1, "qwen2.5-0.5b", None, None),  # asked for
+    ("auto", None, 1, "qwen2.5-0.5b", None, None),  # no GPU
+]
+
+
+@pytest.mark.parametrize("train_backend, capability, world, model, faster, why", MEASURED_DECISIONS)
+def test_the_gpu_benchmark_decides_auto_on_one_bf16_gpu_only(train_backend, capability, world, model,
+                                                             faster, why):
+    """backend_choice, which the memory check and choose_backend share: decide() with what this
+    machine has installed, fed the backend measured faster where the measurements apply."""
+    config = json.loads(fixture_path("tokenizers", model, "config.json").read_text()) \
+        if model != "no sizes" else {"model_type": "custom"}
+    settings = SimpleNamespace(train_backend=train_backend, load_in_4bit=False, packing=True)
+    name, dtype, optim, said = dotrain.backend_choice(settings, capability, world, config)
+    has_unsloth, has_bnb = (importlib.util.find_spec(package) is not None
+                            for package in ("unsloth", "bitsandbytes"))
+    assert (name, dtype, optim) == dotrain.decide(train_backend, capability, has_unsloth, has_bnb, world,
+                                                  False, faster)
+    assert said is None if why is None else said.startswith(why)
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +300,7 @@ def test_the_plan_records_its_precision_and_a_cpu_resume_of_a_gpu_run_says_so(ca
     from training.shards import Plan
 
     settings = SimpleNamespace(train_device="auto", train_backend="auto", load_in_4bit=False,
-                               gradient_checkpointing="auto")
+                               gradient_checkpointing="auto", packing=True)
     plan = Plan.from_manifest(Plan({}, optim="adamw_torch", dtype="bfloat16", world_size=1).manifest())
     assert plan.dtype == "bfloat16"
     backend = dotrain.choose_backend(settings, Ranks(), plan, None)  # (no GPU: the model's size is not read)

@@ -253,7 +253,9 @@ def test_the_outputs_show_where_a_named_run_goes():
 
 def test_the_time_and_cost_follow_the_bench_figures():
     """The L4 estimate: the H200's measured tokens/s of the backend TRAIN_BACKEND=auto picks for
-    Qwen2.5-0.5B, scaled by the two GPUs' dense bf16 peaks."""
+    Qwen2.5-0.5B, scaled by the two GPUs' dense bf16 peaks (TRL's table, as metrics.json's MFU)."""
+    from trl.trainer.utils import get_peak_flops
+
     from training.speed import measured_faster
 
     spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "bench" / "gpu_train.py")
@@ -261,11 +263,11 @@ def test_the_time_and_cost_follow_the_bench_figures():
     spec.loader.exec_module(gpu_train)
     measured = json.loads((ROOT / "bench" / "results" / "gpu_train.json").read_text())
     faster = measured_faster(json.loads(fixture_path("tokenizers", "qwen2.5-0.5b", "config.json").read_text()),
-                             False, True)[0]
+                             False, True, (9, 0))[0]
     run = measured["runs"][f"{faster}_packed"]
     assert measured["machine"]["gpu"] == "NVIDIA H200"
-    peak = gpu_train.DENSE_BF16_PEAK
-    l4 = run["tokens_per_second"] * peak["L4"] / peak["H200"]
+    l4 = run["tokens_per_second"] * get_peak_flops("NVIDIA L4", "bfloat16") \
+        / get_peak_flops("NVIDIA H200", "bfloat16")
     hours = gpu_train.FINETOME_TOKENS / l4 / 3600
     assert f"{run['tokens_per_second']:,} trained tokens a second" in FLAT
     assert f"about {l4:,.0f} tokens a second" in FLAT

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from common import Bucket, UserError, exit_with_parent, log, write_json_atomically
+from training.speed import attended_positions
 
 PACK_ROWS = 1_000  # rows packed together (the batches of TRL's packing map)
 
@@ -44,7 +45,7 @@ class Plan:
 
     inputs: dict
     complete: bool = False
-    shards: list = field(default_factory=list)  # path, rows, sequences, steps, tokens, trained_tokens
+    shards: list = field(default_factory=list)  # path, rows, sequences, steps, tokens, attended, trained_tokens
     rows: int = 0
     epochs: int = None
     total_steps: int = None
@@ -64,14 +65,17 @@ class Plan:
 
 def make_plan(settings, bucket, data_prefix, data, inputs, world):
     """The optimizer steps of every shard, from its rows' lengths alone (the `length` column:
-    no shard is downloaded to plan), and of the run: NUM_EPOCHS passes, capped by MAX_STEPS."""
+    no shard is downloaded to plan), and of the run: NUM_EPOCHS passes, capped by MAX_STEPS.
+    Each shard also counts the positions its tokens attend to (training.speed: the model FLOPs
+    of a token)."""
     plan = Plan(inputs)
     for entry in data["shards"]:
         lengths = shard_lengths(bucket, data_prefix, entry)
         sequences = packed_sequences(lengths, settings.max_seq_length) if settings.packing else len(lengths)
         plan.shards.append({"path": entry["path"], "rows": entry["rows"], "sequences": sequences,
                             "steps": optimizer_steps(sequences, settings, world),
-                            "tokens": int(sum(lengths)), "trained_tokens": entry.get("trained_tokens")})
+                            "tokens": int(sum(lengths)), "attended": attended_positions(lengths),
+                            "trained_tokens": entry.get("trained_tokens")})
         plan.rows += entry["rows"]
     epoch_steps = sum(shard["steps"] for shard in plan.shards)
     if not epoch_steps:

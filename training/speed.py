@@ -1,31 +1,21 @@
-"""How fast a run trains: the model FLOPs of a token, the GPUs' peak arithmetic and the run's
-model FLOPs utilization (MFU), batch lengths rounded up so that a run meets few shapes, the real
-(non-padding) tokens of a batch, what each run reports of its speed, and the backend that trained
-faster in the GPU benchmark at a model's size (TRAIN_BACKEND=auto chooses by it).
+"""How fast a run trains: the model FLOPs of a token and the run's model FLOPs utilization (MFU)
+on the GPUs' peak arithmetic (TRL's table), batch lengths rounded up so that a run meets few
+shapes, the real (non-padding) tokens of a batch, what each run reports of its speed, and the
+backend that trained faster in the GPU benchmark at a model's size (TRAIN_BACKEND=auto chooses
+by it).
 """
 
 import json
 import math
 import os
-import re
 import statistics
+
+from training.fit import model_shape
 
 SHAPES = 16  # a run's batches take at most this many lengths
 MEASURED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
                         "gpu_train.json")
 COVERS = 2.0  # a measurement speaks for models within this factor of its size
-# Dense (no sparsity) tensor-core peak in FLOP/s, bf16 (fp16 on T4 and V100, which have no bf16),
-# from the vendors' datasheets; the A10G is taken as the A10 (AWS publishes no figure of its own).
-# A GPU's name (torch.cuda.get_device_name) matches the first entry it contains as a word.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200 NVL": 835e12,
-              "H200": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12, "A10G": 125e12,
-              "T4": 65e12, "V100": 125e12}
-
-
-def peak_flops(gpu_name):
-    """The GPU's dense bf16 (fp16) peak FLOP/s, None for a GPU not in PEAK_FLOPS or no GPU."""
-    return next((peak for name, peak in PEAK_FLOPS.items()
-                 if gpu_name and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", gpu_name)), None)
 
 
 def read_config(model_dir):
@@ -34,14 +24,15 @@ def read_config(model_dir):
 
 
 def matmul_params(config):
-    """The weights a token is multiplied by (a decoder's config.json): the projections of every
-    block (q, k, v, o; gate, up, down) and the output layer, counted even when tied to the input
-    embedding, whose lookup is no product; biases and norms left out."""
-    hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    kv_heads, head_dim = config.get("num_key_value_heads") or heads, config.get("head_dim") or hidden // heads
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
-    mlp = 3 * hidden * config["intermediate_size"]
-    return config["num_hidden_layers"] * (attention + mlp) + config["vocab_size"] * hidden
+    """The weights a token is multiplied by (a decoder's config.json, a multimodal model's
+    text_config): the projections of every block (q, k, v, o; gate, up, down) and the output
+    layer, counted even when tied to the input embedding, whose lookup is no product; biases and
+    norms left out. None when the config does not give the sizes (training.fit.model_shape)."""
+    shape = model_shape(config or {})
+    if shape is None:
+        return None
+    attention = 2 * shape.hidden * shape.heads * shape.head + 2 * shape.hidden * shape.kv_heads * shape.head
+    return shape.layers * (attention + 3 * shape.hidden * shape.mlp) + shape.vocab * shape.hidden
 
 
 def model_flops_per_token(config, context):
@@ -56,20 +47,37 @@ def model_flops_per_token(config, context):
     Attention multiplies the query by each attended key and the scores by each attended value:
     2 products of head_dim per head and position, 4 x heads x head_dim x context FLOPs a layer
     forward; its backward computes the gradients of queries, keys and values (all needed: LoRA
-    adapts q, k and v, and the layers below), twice the forward: 12 x in all. A row of s tokens
-    attends to (s + 1) / 2 positions a token, on average.
+    adapts q, k and v, and the layers below), twice the forward: 12 x in all. `context`: the
+    mean number of positions a token attends to (attended: (s + 1) / 2 for rows of s tokens).
 
     Left out: the forward that gradient checkpointing recomputes (hardware, not model, FLOPs),
     the LoRA matrices (6r(m + n) a token for each adapted m x n weight: about 4% more at r 16 on
-    Qwen2.5), norms, activations, softmax and the optimizer."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    return 4 * matmul_params(config) + 12 * config["num_hidden_layers"] * heads * head_dim * context
+    Qwen2.5), norms, activations, softmax and the optimizer. None when the config does not give
+    the sizes, or `context` is None."""
+    shape = model_shape(config or {})
+    if shape is None or context is None:
+        return None
+    return 4 * matmul_params(config) + 12 * shape.layers * shape.heads * shape.head * context
+
+
+def attended_positions(lengths):
+    """The positions the tokens of rows of these lengths attend to, all together: a token attends
+    to its own row's, up to itself, so a row of l tokens to l(l + 1) / 2."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return int((lengths * (lengths + 1)).sum() // 2)
+
+
+def attended(lengths):
+    """The mean number of positions a token of rows of these lengths attends to."""
+    return attended_positions(lengths) / sum(lengths)
 
 
 def mfu(tokens_per_second, flops_per_token, peak, gpus=1):
-    """Model FLOPs utilization: the share of the GPUs' peak arithmetic the run's tokens needed."""
-    if not (peak and tokens_per_second):
+    """Model FLOPs utilization: the share of the GPUs' peak arithmetic the run's tokens needed;
+    None without a peak, a speed or the FLOPs of a token."""
+    if not (peak and tokens_per_second and flops_per_token):
         return None
     return round(tokens_per_second * flops_per_token / (peak * gpus), 4)
 
@@ -101,14 +109,20 @@ def real_tokens(batch):
 
 def describe(config, backend, gpus, plan):
     """How a run's processes train, written into its trainer log (recorder) for metrics.json:
-    the attention, the GPU and its peak, and the model FLOPs of a token for rows of the data's
-    mean length (exact for rows of one length)."""
+    the attention, the GPU and its dense peak FLOP/s in the run's precision (TRL's table,
+    trl.trainer.utils.get_peak_flops: None for a GPU it does not list, a V100 among them), and
+    the model FLOPs of a token attending to the mean of the plan's rows (attended: the positions
+    make_plan counted in each shard; a plan made before it counted them gives no FLOPs)."""
     import torch
+    from trl.trainer.utils import get_peak_flops
 
     gpu = torch.cuda.get_device_name() if backend.device == "cuda" else None
-    mean_row_length = sum(shard["tokens"] for shard in plan.shards) / max(plan.rows, 1)
-    return {"attention": backend.attention, "gpu": gpu, "gpus": gpus, "peak_flops": peak_flops(gpu),
-            "model_flops_per_token": model_flops_per_token(config, (mean_row_length + 1) / 2)}
+    positions = [shard.get("attended") for shard in plan.shards]
+    tokens = sum(shard["tokens"] for shard in plan.shards)
+    context = sum(positions) / tokens if tokens and None not in positions else None
+    return {"attention": backend.attention, "gpu": gpu, "gpus": gpus,
+            "peak_flops": get_peak_flops(gpu, backend.dtype) if gpu else None,
+            "model_flops_per_token": model_flops_per_token(config, context)}
 
 
 def recorder(entry):
@@ -140,12 +154,20 @@ def summary(steps, entry):
             **{key: entry.get(key) for key in ("attention", "gpu", "gpus", "peak_flops")}}
 
 
-def measured_faster(config, load_in_4bit, packing, results=MEASURED):
+def measured_faster(config, load_in_4bit, packing, capability, results=MEASURED):
     """(the backend that trained more tokens a second on one GPU at this model's size, why), from
     the GPU benchmark's results (bench/gpu_train.py): the measured size nearest to this model's
     matmul_params within a factor COVERS, with the same LOAD_IN_4BIT and PACKING, both backends
-    measured. (None, why) when no measurement covers it."""
+    measured. (None, why) when no measurement covers it, and on a GPU of compute capability
+    (major, minor) below 8.0, where both backends take other paths than on the benchmark's GPU
+    (float16 with loss scaling; SDPA with a dense mask, or xformers, for attention)."""
+    if capability < (8, 0):
+        return None, (f"the GPU benchmark measured a GPU of compute capability 8.0 or more and this one "
+                      f"is {capability[0]}.{capability[1]}, where training runs in float16 with other "
+                      "attention kernels: its figures do not decide here")
     size = matmul_params(config)
+    if size is None:
+        return None, "config.json gives no sizes"
     try:
         with open(results) as f:
             measured = json.load(f)
