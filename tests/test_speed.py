@@ -208,3 +208,17 @@ def test_the_attention_unsloth_runs_is_the_one_it_decides(monkeypatch, chosen, s
         monkeypatch.setitem(sys.modules, name, module)
     assert choose("unsloth", capability, packing) == label
     assert asked == [packing]  # the packed (varlen) route only for packed batches
+
+
+@pytest.mark.parametrize("max_seq_length, batch_size, packing", [
+    (4096, 2, True), (4096, 2, False), (128, 2, True), (2000, 1, False), (2000, 2, True), (2003, 1, False)])
+def test_padding_to_the_length_multiple_never_passes_the_longest_batch(max_seq_length, batch_size, packing):
+    """unsloth cuts input ids past MAX_SEQ_LENGTH and not their labels: a padded batch must never
+    be longer than the longest one, and a run meets at most SHAPES lengths."""
+    from training.speed import SHAPES, length_multiple
+
+    multiple = length_multiple(SimpleNamespace(max_seq_length=max_seq_length, batch_size=batch_size,
+                                               packing=packing))
+    longest = max_seq_length * (batch_size if packing else 1)
+    padded = {-(-length // multiple) * multiple for length in range(1, longest + 1)}
+    assert max(padded) == longest and len(padded) <= SHAPES

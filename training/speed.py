@@ -85,10 +85,14 @@ def mfu(tokens_per_second, flops_per_token, peak, gpus=1):
 def length_multiple(settings):
     """Batches are padded at their end to a multiple of this many tokens (TRL's collator:
     pad_to_multiple_of), so that a run meets at most SHAPES lengths: a new length can cost a
-    compilation or a kernel plan. A power of two of at least 64 tokens, at most 1/SHAPES of the
-    longest batch (BATCH_SIZE rows flattened into one when packing)."""
+    compilation or a kernel plan. The smallest divisor of the longest batch (BATCH_SIZE rows
+    flattened into one when packing) of at least 64 tokens and 1/SHAPES of it, a multiple of 8
+    where one is: padding never makes a batch longer than the longest (unsloth cuts a batch
+    longer than MAX_SEQ_LENGTH, but not its labels)."""
     longest = settings.max_seq_length * (settings.batch_size if settings.packing else 1)
-    return max(64, 2 ** math.ceil(math.log2(longest / SHAPES)))
+    least = max(64, math.ceil(longest / SHAPES))
+    divisors = [d for d in range(least, longest + 1) if longest % d == 0]
+    return next((d for d in divisors if d % 8 == 0), divisors[0]) if divisors else longest
 
 
 def real_tokens(batch):
