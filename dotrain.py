@@ -60,7 +60,7 @@ from common import (DATA_SETTINGS, MODEL_CACHE_SETTING, NOT_TRAINED, Setting, Us
                     open_bucket, parse_settings, read_manifest, read_parquet_batches,
                     require_complete, resume_or_start, run as run_step, same_inputs, with_rebuild,
                     write_manifest)
-from training.attention import choose as choose_attention
+from training.attention import avoid_cudnn_attention, choose as choose_attention
 from training.checkpoints import (Uploads, check_run_name, checkpoint_saved, fetch_checkpoint,
                                   pointer_at, replaced_by_force, resume_point, save_every)
 from training.export import export
@@ -151,6 +151,7 @@ def main():
     check_run_name(settings.run_name)
     if settings.train_device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for GPUs
+    avoid_cudnn_attention()  # in this process: training, and an export after unsloth's exec
     bucket = open_bucket(settings)
     model_manifest = require_complete(bucket, model_prefix(settings.model_name), "import-model.py")
     run = open_run(settings, bucket)

@@ -306,14 +306,15 @@ def test_epochs_cosine_schedule_evaluations_and_tensorboard(local_bucket, inputs
     adapted = {key.split(".")[-3] for key in adapter}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert metrics["work_dir_peak_bytes"]["node 0"] > 0
-    # the run's speed: the median tokens/s of its logged steps, the model FLOPs of a token (rows of
-    # the data's mean length), no MFU without a GPU, the few batch shapes it met, its attention
+    # the run's speed: the median tokens/s of its logged steps, the model FLOPs of a token (for the
+    # positions the data's rows attend to, counted by the plan), no MFU without a GPU, the few
+    # batch shapes it met, its attention
     speed = metrics["speed"]
     bucket = Path(env["BUCKET_NAME"][len("file://"):])
     config = json.loads((bucket / "models" / MODEL / "config.json").read_text())
-    mean_length = sum(shard["tokens"] for shard in done["shards"] if shard["epoch"] == 0) / done["rows"]
-    assert speed["model_flops_per_token"] == pytest.approx(
-        model_flops_per_token(config, (mean_length + 1) / 2))
+    first_epoch = [shard for shard in done["shards"] if shard["epoch"] == 0]
+    context = sum(shard["attended"] for shard in first_epoch) / sum(shard["tokens"] for shard in first_epoch)
+    assert speed["model_flops_per_token"] == pytest.approx(model_flops_per_token(config, context))
     assert speed["tokens_per_second"] == pytest.approx(
         statistics.median(e["tokens_per_second"] for e in metrics["steps"]), abs=0.05)
     assert 1 <= speed["distinct_shapes"] <= 2 * MAX_SEQ_LENGTH // length_multiple(SimpleNamespace(
