@@ -291,3 +291,44 @@ def test_a_lease_is_renewed_until_it_is_released(tmp_path):
     lease.release()
     renewing.join()
     assert bucket.get(lease.key) is None
+
+
+def test_a_lease_write_sent_again_after_its_first_landed_is_this_launchs(tmp_path, monkeypatch):
+    """The storage client sends a PUT again when its reply is lost (a read timeout): if the first
+    attempt landed, the retry fails its condition on the record that attempt wrote. Renewing and
+    taking the lease find their own record there and go on."""
+    import os
+    from types import SimpleNamespace
+
+    from common import Bucket
+    from training.lease import Lease
+
+    bucket = Bucket(SimpleNamespace(bucket_name=str(tmp_path / "bucket")))
+    lease = Lease(bucket, "checkpoints/run", None, seconds=0.3)
+    lease.take()
+    taken = json.loads(bucket.get(lease.key))
+    put = bucket.put
+
+    def sent_twice(key, data, **condition):
+        put(key, data, **condition)  # landed, its reply lost
+        return put(key, data, **condition)
+
+    monkeypatch.setattr(bucket, "put", sent_twice)
+    stops = []
+    monkeypatch.setattr(os, "_exit", lambda code: stops.append(code) or sys.exit(code))
+    renewing = threading.Thread(target=lease.renew)
+    renewing.start()
+    deadline = time.time() + 60
+    while renewing.is_alive() and json.loads(bucket.get(lease.key))["renewed"] == taken["renewed"] \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    assert stops == [] and json.loads(bucket.get(lease.key))["renewed"] != taken["renewed"]
+    lease.release()
+    renewing.join()
+    assert bucket.get(lease.key) is None  # released: it went on with its record's ETag
+
+    again = Lease(bucket, "checkpoints/run", None, seconds=60)
+    again.take()
+    assert json.loads(bucket.get(again.key))["take"] == again.take_id
+    again.release()
+    assert bucket.get(again.key) is None
