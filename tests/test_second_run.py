@@ -332,3 +332,31 @@ def test_a_lease_write_sent_again_after_its_first_landed_is_this_launchs(tmp_pat
     assert json.loads(bucket.get(again.key))["take"] == again.take_id
     again.release()
     assert bucket.get(again.key) is None
+
+
+def test_a_lease_is_stale_after_its_holders_lease_seconds(tmp_path):
+    """A holder with a longer LEASE_SECONDS renews less often: a launch with the default one
+    judges its lease by the holder's, recorded in it."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from common import Bucket, UserError
+    from training.lease import Lease
+
+    bucket = Bucket(SimpleNamespace(bucket_name=str(tmp_path / "bucket")))
+    key = "checkpoints/run/lease.json"
+
+    def held_since(seconds_ago, **fields):
+        renewed = (datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)).isoformat()
+        bucket.put(key, json.dumps({"holder": "other-host pid 7", "machine": "other-host 1",
+                                    "pid": 7, "task": "job-1", "renewed": renewed, **fields}).encode())
+
+    held_since(1200, seconds=3600)  # renewed every 1,200 s: alive
+    with pytest.raises(UserError, match="not been renewed for its LEASE_SECONDS=3600"):
+        Lease(bucket, "checkpoints/run", "job-2", seconds=300).take()
+    held_since(3600, seconds=3600)
+    Lease(bucket, "checkpoints/run", "job-2", seconds=300).take()
+    assert json.loads(bucket.get(key))["task"] == "job-2"
+    held_since(300)  # a lease that records none: the reader's
+    Lease(bucket, "checkpoints/run", "job-3", seconds=300).take()
+    assert json.loads(bucket.get(key))["task"] == "job-3"

@@ -2,19 +2,21 @@
 
     checkpoints/<MODEL_NAME>/<DATASET_NAME>[/<RUN_NAME>]/lease.json
         {"holder": "<host> pid <pid>", "take": a random id of this take, "machine": "<host>
-         <boot id>", "pid", "task": SKYPILOT_TASK_ID, "renewed": the bucket's time}
+         <boot id>", "pid", "task": SKYPILOT_TASK_ID, "seconds": the holder's LEASE_SECONDS,
+         "renewed": the bucket's time}
 
 A launch's first training process (rank 0 under torchrun) takes the lease before it downloads
 the model, with a conditional write (If-None-Match where there is none, If-Match the ETag of the
 one it replaces), so that of two launches trying at once one wins; a second launch of the same
 run (a repeated `sky jobs launch`) is refused in one line naming the holder. The holder renews
 it every LEASE_SECONDS / 3 in a background thread and deletes it when it exits. A lease not
-renewed for LEASE_SECONDS, by the bucket's clock (common.Bucket.now: machines' own clocks may
-disagree), was left by a launch that died (killed, preempted) and is taken over. Two are taken
-over at once: a recovery of the same managed job (the same SKYPILOT_TASK_ID) takes its own
-back, and a lease whose process ran on this machine (same host name and boot) and is gone (a
-run killed here, relaunched here) is free. A holder whose lease was taken over (it could not
-renew it for LEASE_SECONDS) stops at once.
+renewed for its holder's LEASE_SECONDS (recorded in it: the launches' settings may differ), by
+the bucket's clock (common.Bucket.now: machines' own clocks may disagree), was left by a launch
+that died (killed, preempted) and is taken over. Two are taken over at once: a recovery of the
+same managed job (the same SKYPILOT_TASK_ID) takes its own back, and a lease whose process ran
+on this machine (same host name and boot) and is gone (a run killed here, relaunched here) is
+free. A holder whose lease was taken over (it could not renew it for LEASE_SECONDS) stops at
+once.
 """
 
 import atexit
@@ -41,7 +43,7 @@ class Lease:
 
     def record(self):
         return json.dumps({"holder": self.holder, "take": self.take_id, "machine": this_machine(),
-                           "pid": os.getpid(), "task": self.task,
+                           "pid": os.getpid(), "task": self.task, "seconds": self.seconds,
                            "renewed": self.bucket.now().isoformat()}).encode()
 
     def write(self, **condition):
@@ -67,14 +69,15 @@ class Lease:
         if data is not None:
             held = json.loads(data)
             age = (self.bucket.now() - datetime.fromisoformat(held["renewed"])).total_seconds()
+            seconds = held.get("seconds", self.seconds)  # the holder's, which it renews by
             why = ("this job's own" if self.task and held.get("task") == self.task else
                    "its process is gone" if ended(held) else
-                   f"older than LEASE_SECONDS={self.seconds}" if age >= self.seconds else None)
+                   f"older than its LEASE_SECONDS={seconds}" if age >= seconds else None)
             if why is None:
                 raise UserError(f"another launch is training this run: {self.bucket.url(self.key)} "
                                 f"is held by {describe(held)}, renewed {age:.0f} s ago: let it "
                                 "finish or cancel it (sky jobs cancel), or relaunch once it has "
-                                f"not been renewed for LEASE_SECONDS={self.seconds}")
+                                f"not been renewed for its LEASE_SECONDS={seconds}")
             log(f"taking over {self.bucket.url(self.key)} from {describe(held)}, renewed "
                 f"{age:.0f} s ago: {why}")
         if self.write(if_none_match=data is None, if_match=etag) is not None:
