@@ -633,7 +633,8 @@ def with_rebuild(inputs, settings, step):
     replace. SkyPilot keeps SKYPILOT_TASK_ID across the recoveries of a managed job and gives
     every node the same one, so a recovery, or another node, finds the output already rebuilt
     (or being rebuilt) by this launch and continues it. Outside SkyPilot every run with
-    REBUILD set rebuilds."""
+    REBUILD set rebuilds, once: the mark is kept in the environment, which the process keeps
+    when it re-executes itself (dotrain.py's export after unsloth)."""
     wanted = {name.strip() for name in settings.rebuild.split(",") if name.strip()}
     unknown = wanted - set(STEPS) - {"all"}
     if unknown:
@@ -641,7 +642,8 @@ def with_rebuild(inputs, settings, step):
                         f"{', '.join(STEPS)} or all")
     if step not in wanted and "all" not in wanted:
         return inputs
-    launch = settings.skypilot_task_id or f"local-{time.time_ns()}-{os.getpid()}"
+    launch = settings.skypilot_task_id or os.environ.setdefault(
+        "REBUILD_LAUNCH", f"local-{time.time_ns()}-{os.getpid()}")
     return {**inputs, "rebuild": launch}
 
 

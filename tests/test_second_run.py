@@ -4,6 +4,7 @@ freely; RUN_NAME keeps runs side by side, also runs with other data settings; on
 time trains a run. Through the real steps, on the local S3 server."""
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -297,7 +298,6 @@ def test_a_lease_write_sent_again_after_its_first_landed_is_this_launchs(tmp_pat
     """The storage client sends a PUT again when its reply is lost (a read timeout): if the first
     attempt landed, the retry fails its condition on the record that attempt wrote. Renewing and
     taking the lease find their own record there and go on."""
-    import os
     from types import SimpleNamespace
 
     from common import Bucket
@@ -360,3 +360,18 @@ def test_a_lease_is_stale_after_its_holders_lease_seconds(tmp_path):
     held_since(300)  # a lease that records none: the reader's
     Lease(bucket, "checkpoints/run", "job-3", seconds=300).take()
     assert json.loads(bucket.get(key))["task"] == "job-3"
+
+
+def test_rebuild_marks_one_launch_outside_skypilot_once():
+    """Without SKYPILOT_TASK_ID, the calls of one launch share its mark, also across the
+    re-execution of dotrain.py for its export (the environment is kept): a finished rebuild is
+    not started again."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    settings = SimpleNamespace(rebuild="dotrain", skypilot_task_id=None)
+    with mock.patch.dict(os.environ):  # the steps this module runs later are launches of their own
+        os.environ.pop("REBUILD_LAUNCH", None)
+        first = common.with_rebuild({"step": "dotrain/3"}, settings, "dotrain")
+        assert first["rebuild"].startswith("local-")
+        assert common.with_rebuild({"step": "dotrain/3"}, settings, "dotrain") == first
