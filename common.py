@@ -902,6 +902,11 @@ def end_of_turn(tokenizer):
 # ---------------------------------------------------------------- models
 
 
+MODEL_NAME_SETTING = Setting(
+    "MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B", required=True)
+DATASET_NAME_SETTING = Setting(
+    "DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
+    required=True)
 MAX_REJECT_SETTING = Setting(
     "MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of the rows is dropped: by the "
     "import (rows no rule converts) or by pretokenize (no trained token within MAX_SEQ_LENGTH, "

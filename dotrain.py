@@ -55,7 +55,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from common import (DATA_SETTINGS, MODEL_CACHE_SETTING, NOT_TRAINED, Setting, UserError,
+from common import (DATA_SETTINGS, DATASET_NAME_SETTING, MODEL_CACHE_SETTING, MODEL_NAME_SETTING,
+                    NOT_TRAINED, Setting, UserError,
                     abort_stale_uploads, checkpoints_prefix, done_prefix, download_model, log,
                     manifest_fingerprint, model_fingerprint, model_prefix, model_ready_location,
                     open_bucket, parse_settings, read_manifest, read_parquet_batches,
@@ -76,10 +77,8 @@ from training.speed import (describe, length_multiple, measured_faster, read_con
                             recorder)
 
 SETTINGS = [
-    Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
-            required=True),
-    Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
-            required=True),
+    MODEL_NAME_SETTING,
+    DATASET_NAME_SETTING,
     Setting("RUN_NAME", None, "name of this training run: its checkpoints and results go under "
             "checkpoints/ and done/<MODEL_NAME>/<DATASET_NAME>/<RUN_NAME>/, beside other runs (a "
             "sweep); unset: directly under <MODEL_NAME>/<DATASET_NAME>/"),
