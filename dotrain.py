@@ -202,8 +202,9 @@ class Run:
 
 def open_run(settings, bucket):
     data_prefix = model_ready_location(bucket, settings)
-    data = require_complete(bucket, data_prefix, "pretokenize.py (with the same MAX_SEQ_LENGTH, "
-                            "CHAT_TEMPLATE, EVAL_ROWS and PART_SIZE)")
+    names = [setting.env for setting in DATA_SETTINGS]
+    data = require_complete(bucket, data_prefix, "pretokenize.py (with the same "
+                            f"{', '.join(names[:-1])} and {names[-1]})")
     return Run(settings, bucket, data, data_prefix,
                checkpoints_prefix(settings.model_name, settings.dataset_name, settings.run_name),
                done_prefix(settings.model_name, settings.dataset_name, settings.run_name))
