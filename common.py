@@ -633,7 +633,8 @@ def with_rebuild(inputs, settings, step):
     replace. SkyPilot keeps SKYPILOT_TASK_ID across the recoveries of a managed job and gives
     every node the same one, so a recovery, or another node, finds the output already rebuilt
     (or being rebuilt) by this launch and continues it. Outside SkyPilot every run with
-    REBUILD set rebuilds."""
+    REBUILD set rebuilds, once: the mark is kept in the environment, which the process keeps
+    when it re-executes itself (dotrain.py's export after unsloth)."""
     wanted = {name.strip() for name in settings.rebuild.split(",") if name.strip()}
     unknown = wanted - set(STEPS) - {"all"}
     if unknown:
@@ -641,7 +642,8 @@ def with_rebuild(inputs, settings, step):
                         f"{', '.join(STEPS)} or all")
     if step not in wanted and "all" not in wanted:
         return inputs
-    launch = settings.skypilot_task_id or f"local-{time.time_ns()}-{os.getpid()}"
+    launch = settings.skypilot_task_id or os.environ.setdefault(
+        "REBUILD_LAUNCH", f"local-{time.time_ns()}-{os.getpid()}")
     return {**inputs, "rebuild": launch}
 
 
@@ -900,6 +902,11 @@ def end_of_turn(tokenizer):
 # ---------------------------------------------------------------- models
 
 
+MODEL_NAME_SETTING = Setting(
+    "MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B", required=True)
+DATASET_NAME_SETTING = Setting(
+    "DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
+    required=True)
 MAX_REJECT_SETTING = Setting(
     "MAX_REJECT_FRACTION", 0.1, "fail if more than this fraction of the rows is dropped: by the "
     "import (rows no rule converts) or by pretokenize (no trained token within MAX_SEQ_LENGTH, "

@@ -54,7 +54,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from common import (DATA_SETTINGS, MODEL_CACHE_SETTING, NOT_TRAINED, Setting, UserError,
+from common import (DATA_SETTINGS, DATASET_NAME_SETTING, MODEL_CACHE_SETTING, MODEL_NAME_SETTING,
+                    NOT_TRAINED, Setting, UserError,
                     abort_stale_uploads, checkpoints_prefix, done_prefix, download_model, log,
                     manifest_fingerprint, model_fingerprint, model_prefix, model_ready_location,
                     open_bucket, parse_settings, read_manifest, read_parquet_batches,
@@ -75,10 +76,8 @@ from training.speed import (describe, length_multiple, measured_faster, read_con
                             recorder)
 
 SETTINGS = [
-    Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
-            required=True),
-    Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
-            required=True),
+    MODEL_NAME_SETTING,
+    DATASET_NAME_SETTING,
     Setting("RUN_NAME", None, "name of this training run: its checkpoints and results go under "
             "checkpoints/ and done/<MODEL_NAME>/<DATASET_NAME>/<RUN_NAME>/, beside other runs (a "
             "sweep); unset: directly under <MODEL_NAME>/<DATASET_NAME>/"),
@@ -203,8 +202,9 @@ class Run:
 
 def open_run(settings, bucket):
     data_prefix = model_ready_location(bucket, settings)
-    data = require_complete(bucket, data_prefix, "pretokenize.py (with the same MAX_SEQ_LENGTH, "
-                            "CHAT_TEMPLATE, EVAL_ROWS and PART_SIZE)")
+    names = [setting.env for setting in DATA_SETTINGS]
+    data = require_complete(bucket, data_prefix, "pretokenize.py (with the same "
+                            f"{', '.join(names[:-1])} and {names[-1]})")
     return Run(settings, bucket, data, data_prefix,
                checkpoints_prefix(settings.model_name, settings.dataset_name, settings.run_name),
                done_prefix(settings.model_name, settings.dataset_name, settings.run_name))

@@ -41,8 +41,7 @@ from common import (DATA_SETTINGS, MAX_REJECT_SETTING, MODEL_CACHE_SETTING, NOT_
                     Setting, UserError, abort_stale_uploads, download_model, end_of_turn,
                     in_order, load_chat_tokenizer, log, model_prefix, model_ready_inputs,
                     model_ready_prefix, open_bucket, parquet_writer, parse_settings,
-                    read_manifest,
-                    read_row_groups, refuse_other_inputs, require_complete, row_group_sizes, run,
+                    read_manifest, read_row_groups, require_complete, row_group_sizes, run,
                     same_inputs, short, standardized_prefix, with_rebuild, write_manifest)
 
 SETTINGS = [
@@ -82,12 +81,11 @@ def main():
     if eval_rows < settings.eval_rows:
         log(f"EVAL_ROWS={settings.eval_rows} is more than a tenth of the dataset's "
             f"{standardized['rows']} rows: holding out {eval_rows}")
-    replace = settings.force or "rebuild" in inputs  # consent to replace what other inputs made
-    if finished(bucket, prefix, inputs, replace):
+    if finished(bucket, prefix, inputs):
         return
     parts = list_parts(bucket, settings.dataset_name, standardized, settings.part_size)
     mine = parts[settings.skypilot_node_rank::settings.skypilot_num_nodes]
-    todo = [part for part in mine if not part_done(bucket, prefix, part, inputs, replace)]
+    todo = [part for part in mine if not part_done(bucket, prefix, part, inputs)]
     my_objects = {name for part in mine for name in objects_of(part)}
     abort_stale_uploads(bucket, prefix, lambda name: name in my_objects)
     log(f"node {settings.skypilot_node_rank} of {settings.skypilot_num_nodes}: {len(todo)} of "
@@ -147,17 +145,16 @@ def held_out(row, eval_rows, rows):
 # ---------------------------------------------------------------- progress in the bucket
 
 
-def finished(bucket, prefix, inputs, replace):
-    """Whether the output is complete from these inputs. One made from other inputs is refused,
-    unless `replace` consents: then its manifest goes (only the manifest: other nodes may
-    already be writing their new parts; each node replaces its own)."""
+def finished(bucket, prefix, inputs):
+    """Whether the output is complete from these inputs. The folder is named by the inputs, so
+    an output there from others differs by a rebuild mark alone (REBUILD): its manifest goes
+    (only the manifest: other nodes may already be writing their new parts; each node replaces
+    its own)."""
     manifest = read_manifest(bucket, prefix)
     if manifest is None:
         return False
     if not same_inputs(manifest["inputs"], inputs):
-        if not replace:
-            refuse_other_inputs(bucket, prefix, manifest["inputs"], inputs)
-        log(f"replacing {bucket.url(prefix)}, made with other inputs")
+        log(f"rebuilding {bucket.url(prefix)}")
         bucket.fs.rm(bucket.path(f"{prefix}/_manifest.json"))
         return False
     if manifest["complete"]:
@@ -179,17 +176,11 @@ def read_marker(bucket, prefix, part):
     return None if data is None else json.loads(data)
 
 
-def part_done(bucket, prefix, part, inputs, replace):
-    """Whether a part was finished from these inputs; one made from others is redone when
-    `replace` consents, else refused."""
+def part_done(bucket, prefix, part, inputs):
+    """Whether a part was finished from these inputs (one from others, before a REBUILD, is
+    made again)."""
     marker = read_marker(bucket, prefix, part)
-    if marker is None:
-        return False
-    if not same_inputs(marker["inputs"], inputs):
-        if not replace:
-            refuse_other_inputs(bucket, prefix, marker["inputs"], inputs, what="was partly made")
-        return False
-    return True
+    return marker is not None and same_inputs(marker["inputs"], inputs)
 
 
 def write_manifest_if_all_done(bucket, prefix, inputs, parts, max_reject_fraction):

@@ -4,6 +4,7 @@ freely; RUN_NAME keeps runs side by side, also runs with other data settings; on
 time trains a run. Through the real steps, on the local S3 server."""
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -291,3 +292,86 @@ def test_a_lease_is_renewed_until_it_is_released(tmp_path):
     lease.release()
     renewing.join()
     assert bucket.get(lease.key) is None
+
+
+def test_a_lease_write_sent_again_after_its_first_landed_is_this_launchs(tmp_path, monkeypatch):
+    """The storage client sends a PUT again when its reply is lost (a read timeout): if the first
+    attempt landed, the retry fails its condition on the record that attempt wrote. Renewing and
+    taking the lease find their own record there and go on."""
+    from types import SimpleNamespace
+
+    from common import Bucket
+    from training.lease import Lease
+
+    bucket = Bucket(SimpleNamespace(bucket_name=str(tmp_path / "bucket")))
+    lease = Lease(bucket, "checkpoints/run", None, seconds=0.3)
+    lease.take()
+    taken = json.loads(bucket.get(lease.key))
+    put = bucket.put
+
+    def sent_twice(key, data, **condition):
+        put(key, data, **condition)  # landed, its reply lost
+        return put(key, data, **condition)
+
+    monkeypatch.setattr(bucket, "put", sent_twice)
+    stops = []
+    monkeypatch.setattr(os, "_exit", lambda code: stops.append(code) or sys.exit(code))
+    renewing = threading.Thread(target=lease.renew)
+    renewing.start()
+    deadline = time.time() + 60
+    while renewing.is_alive() and json.loads(bucket.get(lease.key))["renewed"] == taken["renewed"] \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    assert stops == [] and json.loads(bucket.get(lease.key))["renewed"] != taken["renewed"]
+    lease.release()
+    renewing.join()
+    assert bucket.get(lease.key) is None  # released: it went on with its record's ETag
+
+    again = Lease(bucket, "checkpoints/run", None, seconds=60)
+    again.take()
+    assert json.loads(bucket.get(again.key))["take"] == again.take_id
+    again.release()
+    assert bucket.get(again.key) is None
+
+
+def test_a_lease_is_stale_after_its_holders_lease_seconds(tmp_path):
+    """A holder with a longer LEASE_SECONDS renews less often: a launch with the default one
+    judges its lease by the holder's, recorded in it."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from common import Bucket, UserError
+    from training.lease import Lease
+
+    bucket = Bucket(SimpleNamespace(bucket_name=str(tmp_path / "bucket")))
+    key = "checkpoints/run/lease.json"
+
+    def held_since(seconds_ago, **fields):
+        renewed = (datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)).isoformat()
+        bucket.put(key, json.dumps({"holder": "other-host pid 7", "machine": "other-host 1",
+                                    "pid": 7, "task": "job-1", "renewed": renewed, **fields}).encode())
+
+    held_since(1200, seconds=3600)  # renewed every 1,200 s: alive
+    with pytest.raises(UserError, match="not been renewed for its LEASE_SECONDS=3600"):
+        Lease(bucket, "checkpoints/run", "job-2", seconds=300).take()
+    held_since(3600, seconds=3600)
+    Lease(bucket, "checkpoints/run", "job-2", seconds=300).take()
+    assert json.loads(bucket.get(key))["task"] == "job-2"
+    held_since(300)  # a lease that records none: the reader's
+    Lease(bucket, "checkpoints/run", "job-3", seconds=300).take()
+    assert json.loads(bucket.get(key))["task"] == "job-3"
+
+
+def test_rebuild_marks_one_launch_outside_skypilot_once():
+    """Without SKYPILOT_TASK_ID, the calls of one launch share its mark, also across the
+    re-execution of dotrain.py for its export (the environment is kept): a finished rebuild is
+    not started again."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    settings = SimpleNamespace(rebuild="dotrain", skypilot_task_id=None)
+    with mock.patch.dict(os.environ):  # the steps this module runs later are launches of their own
+        os.environ.pop("REBUILD_LAUNCH", None)
+        first = common.with_rebuild({"step": "dotrain/3"}, settings, "dotrain")
+        assert first["rebuild"].startswith("local-")
+        assert common.with_rebuild({"step": "dotrain/3"}, settings, "dotrain") == first

@@ -1,25 +1,28 @@
 """One launch at a time trains a run: the lease under the run's checkpoints prefix.
 
     checkpoints/<MODEL_NAME>/<DATASET_NAME>[/<RUN_NAME>]/lease.json
-        {"holder": "<host> pid <pid>", "machine": "<host> <boot id>", "pid", "task":
-         SKYPILOT_TASK_ID, "renewed": the bucket's time}
+        {"holder": "<host> pid <pid>", "take": a random id of this take, "machine": "<host>
+         <boot id>", "pid", "task": SKYPILOT_TASK_ID, "seconds": the holder's LEASE_SECONDS,
+         "renewed": the bucket's time}
 
 A launch's first training process (rank 0 under torchrun) takes the lease before it downloads
 the model, with a conditional write (If-None-Match where there is none, If-Match the ETag of the
 one it replaces), so that of two launches trying at once one wins; a second launch of the same
 run (a repeated `sky jobs launch`) is refused in one line naming the holder. The holder renews
 it every LEASE_SECONDS / 3 in a background thread and deletes it when it exits. A lease not
-renewed for LEASE_SECONDS, by the bucket's clock (common.Bucket.now: machines' own clocks may
-disagree), was left by a launch that died (killed, preempted) and is taken over. Two are taken
-over at once: a recovery of the same managed job (the same SKYPILOT_TASK_ID) takes its own
-back, and a lease whose process ran on this machine (same host name and boot) and is gone (a
-run killed here, relaunched here) is free. A holder whose lease was taken over (it could not
-renew it for LEASE_SECONDS) stops at once.
+renewed for its holder's LEASE_SECONDS (recorded in it: the launches' settings may differ), by
+the bucket's clock (common.Bucket.now: machines' own clocks may disagree), was left by a launch
+that died (killed, preempted) and is taken over. Two are taken over at once: a recovery of the
+same managed job (the same SKYPILOT_TASK_ID) takes its own back, and a lease whose process ran
+on this machine (same host name and boot) and is gone (a run killed here, relaunched here) is
+free. A holder whose lease was taken over (it could not renew it for LEASE_SECONDS) stops at
+once.
 """
 
 import atexit
 import json
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -35,11 +38,29 @@ class Lease:
     def __init__(self, bucket, prefix, task, seconds):
         self.bucket, self.key, self.task, self.seconds = bucket, f"{prefix}/{LEASE}", task, seconds
         self.holder = f"{socket.gethostname()} pid {os.getpid()}"
+        self.take_id = secrets.token_hex(8)  # (a re-executed process takes again with its pid)
         self.etag, self.stopped, self.lock = None, threading.Event(), threading.Lock()
 
     def record(self):
-        return json.dumps({"holder": self.holder, "machine": this_machine(), "pid": os.getpid(),
-                           "task": self.task, "renewed": self.bucket.now().isoformat()}).encode()
+        return json.dumps({"holder": self.holder, "take": self.take_id, "machine": this_machine(),
+                           "pid": os.getpid(), "task": self.task, "seconds": self.seconds,
+                           "renewed": self.bucket.now().isoformat()}).encode()
+
+    def write(self, **condition):
+        """Write this take's record on the condition: None when written, else the record another
+        launch holds there instead ({}: none). The storage client sends a PUT again when its
+        reply is lost; if the first attempt landed, the retry fails its condition and finds this
+        take's own record there: written, with that record's ETag."""
+        try:
+            self.etag = self.bucket.put(self.key, self.record(), **condition)
+            return None
+        except (Conflict, FileNotFoundError):  # (S3 answers If-Match on no object with 404)
+            data, etag = self.bucket.get_with_etag(self.key)
+        held = json.loads(data) if data is not None else {}
+        if held.get("take") != self.take_id:
+            return held
+        self.etag = etag
+        return None
 
     def take(self):
         """Write the lease where there is none or over one that is free (stale, this job's own,
@@ -48,22 +69,20 @@ class Lease:
         if data is not None:
             held = json.loads(data)
             age = (self.bucket.now() - datetime.fromisoformat(held["renewed"])).total_seconds()
+            seconds = held.get("seconds", self.seconds)  # the holder's, which it renews by
             why = ("this job's own" if self.task and held.get("task") == self.task else
                    "its process is gone" if ended(held) else
-                   f"older than LEASE_SECONDS={self.seconds}" if age >= self.seconds else None)
+                   f"older than its LEASE_SECONDS={seconds}" if age >= seconds else None)
             if why is None:
                 raise UserError(f"another launch is training this run: {self.bucket.url(self.key)} "
                                 f"is held by {describe(held)}, renewed {age:.0f} s ago: let it "
                                 "finish or cancel it (sky jobs cancel), or relaunch once it has "
-                                f"not been renewed for LEASE_SECONDS={self.seconds}")
+                                f"not been renewed for its LEASE_SECONDS={seconds}")
             log(f"taking over {self.bucket.url(self.key)} from {describe(held)}, renewed "
                 f"{age:.0f} s ago: {why}")
-        try:
-            self.etag = self.bucket.put(self.key, self.record(), if_none_match=data is None,
-                                        if_match=etag)
-        except Conflict:
+        if self.write(if_none_match=data is None, if_match=etag) is not None:
             raise UserError(f"another launch took {self.bucket.url(self.key)} at the same moment: "
-                            "it trains this run") from None
+                            "it trains this run")
 
     def renew(self):
         """Every LEASE_SECONDS / 3 until released: a failed write is tried again at the next
@@ -73,16 +92,16 @@ class Lease:
                 if self.stopped.is_set():
                     return
                 try:
-                    self.etag = self.bucket.put(self.key, self.record(), if_match=self.etag)
-                except (Conflict, FileNotFoundError):
-                    held = json.loads(self.bucket.get(self.key) or "null")
+                    held = self.write(if_match=self.etag)
+                except Exception as e:  # noqa: BLE001 - the storage out of reach a while
+                    log(f"could not renew {self.bucket.url(self.key)} ({type(e).__name__}): "
+                        f"trying again in {self.seconds / 3:.0f} s")
+                    continue
+                if held is not None:
                     sys.stderr.write(f"error: {self.bucket.url(self.key)} was taken over by "
                                      f"{describe(held) if held else 'nobody (deleted)'}: another "
                                      "launch trains this run now, and this one stops\n")
                     os._exit(1)
-                except Exception as e:  # noqa: BLE001 - the storage out of reach a while
-                    log(f"could not renew {self.bucket.url(self.key)} ({type(e).__name__}): "
-                        f"trying again in {self.seconds / 3:.0f} s")
 
     def release(self):
         """Delete the lease if it is still this launch's; after a failure it simply expires."""

@@ -12,16 +12,11 @@ after training, and the settings in which the runs differ (from each run's recor
 
 import json
 
-from common import (Setting, UserError, checkpoints_prefix, done_prefix, open_bucket,
-                    parse_settings, read_manifest, run, short)
+from common import (DATASET_NAME_SETTING, MODEL_NAME_SETTING, UserError, checkpoints_prefix,
+                    done_prefix, open_bucket, parse_settings, read_manifest, run, short)
 from training.checkpoints import POINTER, owned_by_unnamed_run
 
-SETTINGS = [
-    Setting("MODEL_NAME", help="name of the model in bucket paths, e.g. Qwen/Qwen2.5-0.5B",
-            required=True),
-    Setting("DATASET_NAME", help="name of the dataset in bucket paths, e.g. mlabonne/FineTome-100k",
-            required=True),
-]
+SETTINGS = [MODEL_NAME_SETTING, DATASET_NAME_SETTING]
 UNNAMED = "(unnamed)"
 
 
